@@ -1,0 +1,56 @@
+# edge-agent: `make demo` and `make test` work from a clean clone on Debian / Raspberry Pi OS.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+EXTRAS ?= dev
+
+.PHONY: all venv mosquitto demo test test-all bench lint format clean models
+
+all: test
+
+$(STAMP): pyproject.toml
+	@PYTHON=$(PYTHON) VENV=$(VENV) EXTRAS=$(EXTRAS) tools/bootstrap.sh
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+mosquitto:
+	@tools/ensure-mosquitto.sh
+
+demo: venv
+	@echo "== edge-agent infer: int8 digit classifier (LiteRT) on sample digits"
+	$(BIN)/edge-agent infer agent/samples/digits-classifier-tflite agent/samples/inputs/digit_*.png
+	@echo "== the same model exported to ONNX (int8 QDQ, onnxruntime)"
+	$(BIN)/edge-agent infer agent/samples/digits-classifier-onnx agent/samples/inputs/digit_3.png agent/samples/inputs/digit_7.png
+	@echo "== int8 detector (YOLO-style grid + NMS) on sample scenes"
+	$(BIN)/edge-agent infer agent/samples/digits-detector agent/samples/inputs/scene_*.png
+	@echo "== int8 anomaly model over sensor windows"
+	$(BIN)/edge-agent infer agent/samples/sensor-anomaly agent/samples/inputs/sensor_anomalous.csv | tail -n 12
+	@echo "== latency of the int8 classifier"
+	$(BIN)/edge-agent bench agent/samples/digits-classifier-tflite --seconds 2 --threads 1
+
+test: venv mosquitto
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+# Everything, including the long soak/fuzz runs that `make test` bounds.
+test-all: venv mosquitto
+	SLOW=1 $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+bench: venv
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+
+format: venv
+	$(BIN)/ruff format .
+
+# Rebuild the sample models (needs TensorFlow: a separate, dev-only venv).
+models:
+	$(PYTHON) -m venv .venv-build
+	.venv-build/bin/pip install -q -r tools/requirements-build.txt -e .
+	.venv-build/bin/python tools/build_sample_models.py
+
+clean:
+	rm -rf $(VENV) .venv-build .pytest_cache build *.egg-info

@@ -1,0 +1,80 @@
+"""`edge-agent check`: everything a daemon start needs, verified up front."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.config import AgentConfig
+from agent.errors import AgentError
+from agent.predictor import Predictor
+from agent.runtime import runtime_report
+from agent.sources import create_source
+
+
+def run_checks(config: AgentConfig) -> dict[str, Any]:
+    checks: list[dict[str, Any]] = []
+
+    def add(what: str, ok: bool, detail: str, **extra: Any) -> None:
+        checks.append({"what": what, "ok": ok, "detail": detail} | extra)
+
+    add("config", True, f"valid; device_id={config.device_id}, {len(config.pipelines)} pipeline(s)")
+    add_board(config, add)
+    usable = [r for r in runtime_report() if r.available]
+    for r in runtime_report():
+        detail = (
+            f"{r.version}" + (f" providers={','.join(r.providers)}" if r.providers else "")
+            if r.available
+            else str(r.reason)
+        )
+        add(f"runtime {r.name}", True, ("usable " if r.available else "not usable: ") + detail, available=r.available)
+    if not usable:
+        add("runtimes", False, "no runtime usable (fix: pip install 'edge-agent[litert,onnx]')")
+    for name, src_cfg in config.sources.items():
+        source = create_source(src_cfg, name)
+        try:
+            problem = source.probe()
+        finally:
+            source.close()
+        add(f"source {name}", problem is None, problem or f"{src_cfg.type} source opens")
+    for name, pipe in config.pipelines.items():
+        try:
+            predictor = Predictor.open(
+                pipe.model, runtime=None if pipe.runtime == "auto" else pipe.runtime, threads=pipe.threads
+            )
+        except AgentError as exc:
+            add(f"pipeline {name}", False, str(exc))
+            continue
+        try:
+            golden = predictor.verify_golden()
+            kind = config.sources[pipe.source].type
+            info = predictor.model.info
+            detail = f"{predictor.bundle.name} {predictor.bundle.version} on {info.runtime} {info.runtime_version}"
+            if predictor.bundle.metadata.golden is not None:
+                detail += ", golden vectors " + ("pass" if not golden else "FAIL: " + "; ".join(golden))
+            add(f"pipeline {name}", not golden, f"{detail} (source {pipe.source}: {kind})")
+        finally:
+            predictor.close()
+    return {"ok": all(c["ok"] for c in checks), "checks": checks}
+
+
+def add_board(config: AgentConfig, add: Any) -> None:
+    try:
+        from agent.board import detect_board
+        from agent.profiles import get_profile
+    except ImportError:
+        add("board", True, "board detection not available")
+        return
+    try:
+        board = detect_board()
+        profile_id = board.profile_id if config.profile == "auto" else config.profile
+        if profile_id is None:
+            add(
+                "board",
+                False,
+                f"unknown board ({board.model or 'no model string'}) (fix: set profile = '<id>' in agent.toml)",
+            )
+            return
+        profile = get_profile(profile_id)
+        add("board", True, f"{board.model or profile.name}: profile {profile.id}")
+    except AgentError as exc:
+        add("board", False, str(exc))

@@ -1,0 +1,173 @@
+"""Daemon configuration (``agent.toml``): validated at start, errors name the key and the fix."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent.errors import AgentError
+from agent.sources import source_config_types
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10 (JetPack 6)
+    import tomli as tomllib  # type: ignore[no-redef]
+
+SAMPLES = Path(__file__).resolve().parent / "samples"
+
+
+class ConfigError(AgentError):
+    """agent.toml is missing, unreadable or invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+SourceConfig = Annotated[Union[source_config_types()], Field(discriminator="type")]  # type: ignore[valid-type]  # noqa: UP007
+
+
+class PipelineConfig(_Strict):
+    """One source -> one model -> sinks."""
+
+    source: str
+    model: str  # bundle directory, bundle archive or bare model file
+    runtime: Literal["auto", "litert", "tflite-runtime", "onnxruntime"] = "auto"
+    threads: int | None = Field(default=None, gt=0)
+    providers: list[str] | None = None  # ONNX execution providers in order; default from the firmware profile
+    delegates: list[str] | None = None
+    max_fps: float | None = Field(default=None, gt=0)  # cap on inferences per second
+    queue_size: int = Field(default=1, ge=1, le=64)  # frames waiting per stage; newest wins when full
+    sinks: list[str] = Field(default_factory=lambda: ["stdout"])
+    stall_timeout: float = Field(default=30.0, gt=0)  # an inference running longer than this is a stall
+    window_stride: int | None = Field(default=None, gt=0)  # time series: override the bundle's stride
+
+
+class StdoutSinkConfig(_Strict):
+    format: Literal["text", "json"] = "text"
+    every: int = Field(default=1, ge=1)  # print every Nth result per pipeline
+
+
+class JsonlSinkConfig(_Strict):
+    path: str
+    max_bytes: int = Field(default=50_000_000, gt=0)  # rotate to PATH.1 beyond this size
+
+
+class SinksConfig(_Strict):
+    stdout: StdoutSinkConfig = Field(default_factory=StdoutSinkConfig)
+    jsonl: JsonlSinkConfig | None = None
+
+
+class AgentConfig(_Strict):
+    device_id: str = Field(
+        default_factory=lambda: socket.gethostname() or "edge-device", pattern=r"^[A-Za-z0-9_.:-]{1,128}$"
+    )
+    profile: str = "auto"  # firmware profile id, or auto-detect from the board
+    state_dir: str = Field(
+        default_factory=lambda: os.environ.get("STATE_DIRECTORY", "").split(":")[0] or str(_default_state())
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    status_interval: float = Field(default=5.0, gt=0)  # seconds between STATUS= updates and stats logs
+    thermal_interval: float = Field(default=5.0, gt=0)
+    sources: dict[str, SourceConfig] = Field(default_factory=dict)
+    pipelines: dict[str, PipelineConfig] = Field(default_factory=dict)
+    sinks: SinksConfig = Field(default_factory=SinksConfig)
+
+    @field_validator("sources", "pipelines")
+    @classmethod
+    def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not name or not all(c.isalnum() or c in "-_" for c in name):
+                raise ValueError(f"name {name!r} may only hold letters, digits, '-' and '_'")
+        return value
+
+    @model_validator(mode="after")
+    def _references(self) -> AgentConfig:
+        if not self.pipelines:
+            raise ValueError("no [pipelines.NAME] defined: add at least one pipeline")
+        for name, pipe in self.pipelines.items():
+            if pipe.source not in self.sources:
+                known = ", ".join(self.sources) or "none defined"
+                raise ValueError(f"pipelines.{name}.source: no source named {pipe.source!r} (known: {known})")
+            for sink in pipe.sinks:
+                if sink not in ("stdout", "jsonl"):
+                    raise ValueError(f"pipelines.{name}.sinks: unknown sink {sink!r} (known: stdout, jsonl)")
+                if sink == "jsonl" and self.sinks.jsonl is None:
+                    raise ValueError(f"pipelines.{name}.sinks uses 'jsonl' but [sinks.jsonl] has no path")
+        return self
+
+
+def _default_state() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "edge-agent"
+
+
+def format_validation_error(exc: ValidationError, source: str) -> ConfigError:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    # drop the discriminator tags pydantic inserts (e.g. sources.cam.camera.device -> sources.cam.device)
+    if len(loc) >= 3 and loc[0] == "sources" and loc[2] in ("camera", "serial", "replay", "synthetic"):
+        del loc[2]
+    where = ".".join(loc)
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return ConfigError(f"{source}: unknown key {where!r}", "remove it or check its spelling (see docs/config.md)")
+    if err["type"] == "union_tag_invalid":
+        return ConfigError(f"{source}: {where}: {msg}", "set type to camera, serial, replay or synthetic")
+    if where:
+        return ConfigError(f"{source}: key {where!r}: {msg}", "correct that key (see docs/config.md)")
+    return ConfigError(f"{source}: {msg}", "see docs/config.md")
+
+
+def parse_config(data: dict[str, Any], source: str = "agent.toml", base_dir: Path | None = None) -> AgentConfig:
+    try:
+        config = AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise format_validation_error(exc, source) from None
+    if base_dir is not None:  # relative model/file paths are relative to the config file
+        for pipe in config.pipelines.values():
+            if not Path(pipe.model).is_absolute() and not pipe.model.startswith("sample:"):
+                pipe.model = str((base_dir / pipe.model).resolve())
+    for pipe in config.pipelines.values():
+        if pipe.model.startswith("sample:"):
+            pipe.model = str(SAMPLES / pipe.model.removeprefix("sample:"))
+    return config
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} does not exist", "create it (see docs/config.md) or omit --config"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}", "check permissions and encoding") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}", "fix the syntax at the position named") from None
+    return parse_config(data, str(path), base_dir=path.resolve().parent)
+
+
+def default_config(device_id: str | None = None) -> AgentConfig:
+    """The embedded default: the sample classifier over the sample digits and the anomaly model over sensor data."""
+    inputs = SAMPLES / "inputs"
+    data: dict[str, Any] = {
+        "sources": {
+            "digits": {"type": "replay", "path": str(inputs / "digit_*.png"), "rate": 2.0},
+            "vibration": {"type": "replay", "path": str(inputs / "sensor_anomalous.csv"), "rate": 50.0},
+        },
+        "pipelines": {
+            "digits": {"source": "digits", "model": "sample:digits-classifier-tflite"},
+            "vibration": {"source": "vibration", "model": "sample:sensor-anomaly"},
+        },
+    }
+    if device_id:
+        data["device_id"] = device_id
+    return parse_config(data, "embedded default config")

@@ -1,0 +1,221 @@
+"""The long-running daemon: pipelines, sinks, systemd notify/watchdog, SIGHUP reload, SIGTERM drain."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent import __version__
+from agent.config import AgentConfig, PipelineConfig, load_config
+from agent.errors import AgentError
+from agent.pipeline import Pipeline
+from agent.predictor import Predictor
+from agent.sinks import JsonlSink, ResultBus, Sink, StdoutSink
+from agent.sources import create_source
+from agent.systemd import Notifier
+
+log = structlog.get_logger(__name__)
+
+
+class Daemon:
+    """Runs the configured pipelines until SIGTERM/SIGINT (or ``duration`` / finite sources end)."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        config_path: Path | None = None,
+        notifier: Notifier | None = None,
+        duration: float | None = None,
+        reload_config: Callable[[], AgentConfig] | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.notifier = notifier or Notifier()
+        self.duration = duration
+        self._reload_config = reload_config or (lambda: load_config(config_path) if config_path else config)
+        self.pipelines: dict[str, Pipeline] = {}
+        self.pipeline_errors: dict[str, str] = {}
+        self.bus: ResultBus | None = None
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._ready_sent = False
+        self.started_at = time.monotonic()
+        self.rate_factor = 1.0
+        self.thermal_state = "normal"
+        self.profile: Any = None
+
+    # ---- signals ------------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    # ---- building -----------------------------------------------------------------------------
+
+    def _build_sinks(self, config: AgentConfig) -> dict[str, Sink]:
+        sinks: dict[str, Sink] = {"stdout": StdoutSink(config.sinks.stdout)}
+        if config.sinks.jsonl is not None:
+            try:
+                sinks["jsonl"] = JsonlSink(config.sinks.jsonl)
+            except OSError as exc:
+                raise AgentError(
+                    f"cannot open {config.sinks.jsonl.path}: {exc.strerror}", "fix [sinks.jsonl].path"
+                ) from None
+        return sinks
+
+    def _open_predictor(self, pipe: PipelineConfig) -> Predictor:
+        runtime = None if pipe.runtime == "auto" else pipe.runtime
+        threads, providers, delegates = pipe.threads, pipe.providers, pipe.delegates
+        prefs = getattr(self.profile, "runtime", None)
+        if prefs is not None:
+            threads = threads or getattr(prefs, "threads", None)
+            providers = providers or getattr(prefs, "providers", None) or None
+            delegates = delegates if delegates is not None else (getattr(prefs, "delegates", None) or None)
+        return Predictor.open(pipe.model, runtime=runtime, threads=threads, providers=providers, delegates=delegates)
+
+    def _build_pipelines(self, config: AgentConfig, bus: ResultBus) -> tuple[dict[str, Pipeline], dict[str, str]]:
+        pipelines: dict[str, Pipeline] = {}
+        errors: dict[str, str] = {}
+        for name, pipe in config.pipelines.items():
+            try:
+                predictor = self._open_predictor(pipe)
+            except AgentError as exc:
+                errors[name] = str(exc)
+                log.error("pipeline not started: model failed to load", pipeline=name, error=str(exc))
+                continue
+            source = create_source(config.sources[pipe.source], pipe.source)
+            want = "row" if predictor.kind == "timeseries" else "image"
+            if source.kind != want:
+                predictor.close()
+                errors[name] = (
+                    f"source {pipe.source!r} gives {source.kind}s but model {predictor.bundle.name} takes {predictor.kind} input"
+                )
+                log.error("pipeline not started", pipeline=name, error=errors[name])
+                continue
+            pipelines[name] = Pipeline(name, pipe, source, predictor, bus.emitter(pipe.sinks), lambda: self.rate_factor)
+        return pipelines, errors
+
+    def _start(self, config: AgentConfig) -> None:
+        self.bus = ResultBus(self._build_sinks(config))
+        self.bus.start()
+        self.pipelines, self.pipeline_errors = self._build_pipelines(config, self.bus)
+        for p in self.pipelines.values():
+            p.start()
+        log.info(
+            "agent started",
+            version=__version__,
+            device_id=config.device_id,
+            pipelines=list(self.pipelines),
+            failed=self.pipeline_errors or None,
+        )
+
+    def _shutdown(self) -> None:
+        for p in self.pipelines.values():
+            p.stop()
+        if self.bus is not None:
+            self.bus.close()
+        for p in self.pipelines.values():
+            p.predictor.close()
+        self.pipelines = {}
+
+    # ---- main loop ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        # Stages hand the GIL back and forth around C calls (decode, resize, invoke); a short switch
+        # interval keeps a thread returning from invoke from waiting up to 5 ms behind a busy one.
+        sys.setswitchinterval(0.0005)
+        self._start(self.config)
+        if not self.pipelines:
+            self.notifier.status("no pipeline could start: " + "; ".join(self.pipeline_errors.values()))
+            log.error("no pipeline could start", errors=self.pipeline_errors)
+            self._shutdown()
+            return 1
+        last_watchdog = last_status = 0.0
+        try:
+            while not self._stop.wait(0.1):
+                now = time.monotonic()
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self._do_reload()
+                if not self._ready_sent and any(p.first_result.is_set() for p in self.pipelines.values()):
+                    self._ready_sent = True
+                    self.notifier.ready(self.status_line())
+                    log.info("ready: first inference done")
+                interval = self.notifier.watchdog_interval
+                if interval and now - last_watchdog >= interval and self.healthy():
+                    self.notifier.watchdog()
+                    last_watchdog = now
+                if now - last_status >= self.config.status_interval:
+                    last_status = now
+                    self.notifier.status(self.status_line())
+                    for p in self.pipelines.values():
+                        if p.stalled(now):
+                            log.error("pipeline stalled", pipeline=p.name, failed=p.failed)
+                if self.duration is not None and now - self.started_at >= self.duration:
+                    break
+                if all(p.finished for p in self.pipelines.values()):
+                    log.info("all sources finished")
+                    break
+        finally:
+            self.notifier.stopping()
+            self.notifier.status("stopping: flushing queued results")
+            self._shutdown()
+        log.info("agent stopped")
+        return 0
+
+    def healthy(self) -> bool:
+        """Watchdog condition: every running pipeline is alive and no inference is stuck."""
+        now = time.monotonic()
+        return bool(self.pipelines) and all(
+            not p.stalled(now) and (p.alive or p.finished) for p in self.pipelines.values()
+        )
+
+    def _do_reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            new = self._reload_config()
+        except AgentError as exc:
+            log.error("reload refused: config invalid, keeping the running one", error=str(exc))
+            self.notifier.ready(self.status_line())
+            return
+        log.info("reloading configuration")
+        self._shutdown()
+        self.config = new
+        self._start(new)
+        self.notifier.ready(self.status_line())
+        log.info("reloaded", pipelines=list(self.pipelines), failed=self.pipeline_errors or None)
+
+    def status_line(self) -> str:
+        parts = []
+        for p in self.pipelines.values():
+            snap = p.stats.snapshot()
+            b = p.predictor.bundle
+            parts.append(f"{p.name}: {snap['fps_processed']:.1f} fps {b.name} {b.version}")
+        for name in self.pipeline_errors:
+            parts.append(f"{name}: FAILED")
+        if self.thermal_state != "normal":
+            parts.append(f"thermal {self.thermal_state} (rate x{self.rate_factor:g})")
+        return "; ".join(parts) or "no pipelines"
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "device_id": self.config.device_id,
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "pipelines": {n: p.snapshot() for n, p in self.pipelines.items()},
+            "pipeline_errors": self.pipeline_errors,
+            "thermal": {"state": self.thermal_state, "rate_factor": self.rate_factor},
+        }

@@ -1,0 +1,359 @@
+"""Pipelines: capture -> pre-process -> inference -> sinks, in threads joined by bounded queues.
+
+OpenCV and the runtimes release the GIL, so the stages overlap. Queues between
+stages hold at most ``queue_size`` items and the newest wins when one is full:
+under overload frames are dropped (and counted) instead of piling up, so latency
+stays bounded. Sensor rows are windowed in the capture thread, before any drop.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from agent.benchmark import percentiles
+from agent.bundle import TimeSeriesInput
+from agent.config import PipelineConfig
+from agent.errors import AgentError
+from agent.predictor import Predictor, Prepared
+from agent.processing.timeseries import Windower
+from agent.sources import Sample, Source
+
+log = structlog.get_logger(__name__)
+
+
+class LatestQueue:
+    """Bounded FIFO where ``put`` on a full queue evicts the oldest item (newest wins)."""
+
+    def __init__(self, maxsize: int) -> None:
+        if maxsize < 1:
+            raise ValueError("maxsize must be >= 1")
+        self.maxsize = maxsize
+        self._items: collections.deque[Any] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.dropped = 0
+
+    def put(self, item: Any, block: bool = False, stop: threading.Event | None = None) -> bool:
+        """Add ``item``; returns True when an older item had to be dropped for it.
+
+        With ``block`` (sources that are not live: files read as fast as processed) a full
+        queue makes the caller wait instead, until there is room or ``stop`` is set.
+        """
+        with self._cond:
+            dropped = False
+            while block and len(self._items) >= self.maxsize and not self._closed and not (stop and stop.is_set()):
+                self._cond.wait(0.1)
+            if len(self._items) >= self.maxsize:
+                self._items.popleft()
+                self.dropped += 1
+                dropped = True
+            self._items.append(item)
+            self._cond.notify()
+            return dropped
+
+    def get(self, timeout: float | None = None) -> Any | None:
+        """Oldest item, or None on timeout or when closed and empty."""
+        with self._cond:
+            if not self._items and not self._closed:
+                self._cond.wait(timeout)
+            item = self._items.popleft() if self._items else None
+            if item is not None:
+                self._cond.notify_all()  # wake a producer blocked on a full queue
+            return item
+
+    def close(self) -> None:
+        """No more puts expected: getters drain what is left, then get None."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed_and_empty(self) -> bool:
+        with self._cond:
+            return self._closed and not self._items
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+
+def rate_gate(last_ts: float | None, now: float, fps_cap: float | None) -> bool:
+    """Pure frame-rate cap: True when a sample at ``now`` may pass given the last accepted one."""
+    if fps_cap is None or last_ts is None:
+        return True
+    return (now - last_ts) >= 0.999 / fps_cap
+
+
+def effective_cap(max_fps: float | None, factor: float, observed_fps: float) -> float | None:
+    """The rate cap in force: the configured one, lowered by ``factor`` (< 1 when the board runs hot).
+
+    Without a configured cap, throttling lowers the rate observed before it began.
+    """
+    if factor >= 1.0:
+        return max_fps
+    base = max_fps or observed_fps
+    return max(base * factor, 0.1) if base else None
+
+
+@dataclass
+class PipelineStats:
+    captured: int = 0  # samples from the source (windows for time series)
+    processed: int = 0  # inferences completed
+    dropped: int = 0  # evicted from a full queue (newest wins)
+    skipped: int = 0  # held back by the frame-rate cap
+    errors: int = 0
+    latencies_ms: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=2048)
+    )  # capture -> result
+    infer_ms: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=2048))
+    _rate_marks: collections.deque[tuple[float, int, int]] = field(default_factory=lambda: collections.deque(maxlen=64))
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        self._rate_marks.append((now, self.captured, self.processed))
+        fps_in = fps_out = 0.0
+        old = next((m for m in self._rate_marks if now - m[0] <= 60.0 and now - m[0] > 0), None)
+        if old is not None:
+            dt = now - old[0]
+            fps_in, fps_out = (self.captured - old[1]) / dt, (self.processed - old[2]) / dt
+        return {
+            "captured": self.captured,
+            "processed": self.processed,
+            "dropped": self.dropped,
+            "skipped": self.skipped,
+            "errors": self.errors,
+            "fps_in": round(fps_in, 2),
+            "fps_processed": round(fps_out, 2),
+            "latency_ms": percentiles(list(self.latencies_ms)),
+            "inference_ms": percentiles(list(self.infer_ms)),
+        }
+
+
+class Pipeline:
+    """One source feeding one model; results go to ``emit``."""
+
+    def __init__(
+        self,
+        name: str,
+        config: PipelineConfig,
+        source: Source,
+        predictor: Predictor,
+        emit: Callable[[dict[str, Any]], None],
+        rate_factor: Callable[[], float] = lambda: 1.0,
+    ) -> None:
+        self.name, self.config, self.source = name, config, source
+        self._predictor = predictor
+        self._swap_lock = threading.Lock()
+        self.emit = emit
+        self.rate_factor = rate_factor
+        self.stats = PipelineStats()
+        self._pre_q = LatestQueue(config.queue_size)
+        self._infer_q = LatestQueue(config.queue_size)
+        self._stop = threading.Event()
+        self._crashed = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._seq = 0
+        self.busy_since: float | None = None  # an inference in flight since (monotonic)
+        self.last_result_at: float | None = None
+        self.first_result = threading.Event()
+        self._windower = self._make_windower(predictor)
+        self.failed: str | None = None
+        self._free_fps = 0.0  # processed fps while not throttled
+        self._fps_marks: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)
+
+    @property
+    def predictor(self) -> Predictor:
+        return self._predictor
+
+    def _make_windower(self, predictor: Predictor) -> Windower | None:
+        spec = predictor.input_spec
+        if isinstance(spec, TimeSeriesInput):
+            return Windower(spec.window, self.config.window_stride or spec.stride, len(spec.channels))
+        return None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for target, stage in ((self._capture_loop, "capture"), (self._pre_loop, "pre"), (self._infer_loop, "infer")):
+            t = threading.Thread(target=self._guard(target, stage), name=f"{self.name}-{stage}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop capturing, let queued work finish (so its results are emitted), then join."""
+        self._stop.set()
+        self.source.close()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
+
+    @property
+    def finished(self) -> bool:
+        """A finite source is exhausted and everything queued has been processed."""
+        return bool(self._threads) and not any(t.is_alive() for t in self._threads)
+
+    def stalled(self, now: float | None = None) -> bool:
+        """True when an inference has been running longer than ``stall_timeout`` or a stage died."""
+        now = time.monotonic() if now is None else now
+        busy = self.busy_since
+        if busy is not None and now - busy > self.config.stall_timeout:
+            return True
+        return self.failed is not None
+
+    def swap_predictor(self, predictor: Predictor) -> Predictor:
+        """Hot swap: the next inference uses ``predictor``; returns the old one (caller closes it)."""
+        with self._swap_lock:
+            old, self._predictor = self._predictor, predictor
+            self._windower = self._make_windower(predictor)
+        return old
+
+    def _guard(self, target: Callable[[], None], stage: str) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                target()
+            except Exception as exc:  # a bug in a stage must be visible, and must not kill the daemon
+                self.failed = f"{stage} stage crashed: {exc!r}"
+                self._crashed.set()
+                log.exception("pipeline stage crashed", pipeline=self.name, stage=stage)
+            finally:
+                if stage == "capture":
+                    self._pre_q.close()
+                elif stage == "pre":
+                    self._infer_q.close()
+
+        return run
+
+    # ---- stages -------------------------------------------------------------------------------
+
+    def _capture_loop(self) -> None:
+        last_accepted: float | None = None
+        while not self._stop.is_set():
+            sample = self.source.read(timeout=0.5)
+            if sample is None:
+                if self.source.finished:
+                    return
+                continue
+            if self._windower is not None:
+                if sample.data.ndim != 1:
+                    self.stats.errors += 1
+                    continue
+                if sample.gap:
+                    self._windower.reset()
+                try:
+                    window = self._windower.push(sample.data)
+                except AgentError as exc:
+                    self.stats.errors += 1
+                    log.warning("bad sensor row", pipeline=self.name, error=str(exc))
+                    continue
+                if window is None:
+                    continue
+                sample = Sample(window, sample.timestamp, sample.seq, sample.monotonic)
+            self.stats.captured += 1
+            now = time.monotonic()
+            factor = self.rate_factor()
+            if factor >= 1.0:
+                self._free_fps = self._observed_fps()
+            if not rate_gate(last_accepted, now, effective_cap(self.config.max_fps, factor, self._free_fps)):
+                self.stats.skipped += 1
+                continue
+            last_accepted = now
+            if self._pre_q.put(sample, block=not self.source.live, stop=self._stop):
+                self.stats.dropped += 1
+
+    def _observed_fps(self) -> float:
+        now = time.monotonic()
+        marks = self._fps_marks
+        if not marks or now - marks[-1][0] >= 0.5:
+            marks.append((now, self.stats.processed))
+        while len(marks) > 2 and now - marks[0][0] > 10.0:
+            marks.popleft()
+        if len(marks) < 2 or marks[-1][0] - marks[0][0] <= 0:
+            return self._free_fps
+        return (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])
+
+    def _pre_loop(self) -> None:
+        while True:
+            sample: Sample | None = self._pre_q.get(timeout=0.5)
+            if sample is None:
+                if self._pre_q.closed_and_empty:
+                    return
+                continue
+            try:
+                prepared = self._predictor.prepare(sample.data)
+            except AgentError as exc:
+                self.stats.errors += 1
+                log.warning("pre-processing failed", pipeline=self.name, error=str(exc))
+                continue
+            if self._infer_q.put((sample, prepared, self._predictor), block=not self.source.live, stop=self._crashed):
+                self.stats.dropped += 1
+
+    def _infer_loop(self) -> None:
+        while True:
+            item = self._infer_q.get(timeout=0.5)
+            if item is None:
+                if self._infer_q.closed_and_empty:
+                    return
+                continue
+            sample, prepared, prepared_by = item
+            with self._swap_lock:
+                predictor = self._predictor
+            if predictor is not prepared_by:  # swapped in between: prepare again for the new model
+                try:
+                    prepared = predictor.prepare(sample.data)
+                except AgentError:
+                    self.stats.errors += 1
+                    continue
+            self._infer_one(sample, prepared, predictor)
+
+    def _infer_one(self, sample: Sample, prepared: Prepared, predictor: Predictor) -> None:
+        self.busy_since = time.monotonic()
+        t0 = time.perf_counter()
+        try:
+            prediction = predictor.run(prepared)
+        except AgentError as exc:
+            self.stats.errors += 1
+            log.warning("inference failed", pipeline=self.name, error=str(exc))
+            return
+        finally:
+            self.busy_since = None
+        infer_ms = (time.perf_counter() - t0) * 1000.0
+        done = time.monotonic()
+        self._seq += 1
+        self.stats.processed += 1
+        self.stats.infer_ms.append(infer_ms)
+        self.stats.latencies_ms.append((done - sample.monotonic) * 1000.0)
+        self.last_result_at = done
+        record = {
+            "pipeline": self.name,
+            "seq": self._seq,
+            "ts": round(time.time(), 3),
+            "capture_ts": round(sample.timestamp, 3),
+            "source_seq": sample.seq,
+        } | prediction.to_dict()
+        self.emit(record)
+        self.first_result.set()
+
+    def snapshot(self) -> dict[str, Any]:
+        bundle = self._predictor.bundle
+        return {
+            "model": bundle.name,
+            "version": bundle.version,
+            "sha256": bundle.sha256,
+            "runtime": self._predictor.model.info.runtime,
+            "source": self.source.name,
+            "source_health": self.source.health.to_dict(),
+            "queue_depth": len(self._pre_q) + len(self._infer_q),
+            "stalled": self.stalled(),
+            "failed": self.failed,
+        } | self.stats.snapshot()

@@ -1,0 +1,1 @@
+"""Vectorized pre- and post-processing (OpenCV and NumPy, no per-pixel Python)."""

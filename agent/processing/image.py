@@ -1,0 +1,167 @@
+"""Image pre-processing: colour order, resize (letterbox/squash/crop), normalization, layout.
+
+Normalization and quantization are fused into one 256-entry lookup table per
+channel, so a uint8 frame becomes the model's int8/float tensor in one
+``cv2.LUT`` pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from agent.bundle import ImageInput
+from agent.errors import BundleError, InputError
+from agent.runtime import quant
+from agent.runtime.base import TensorInfo
+
+
+@dataclass(frozen=True)
+class Transform:
+    """Maps model-input pixel coordinates back to the source image: ``src = (model - offset) / scale``."""
+
+    scale_x: float
+    scale_y: float
+    offset_x: float
+    offset_y: float
+    src_width: int
+    src_height: int
+
+    def to_source(self, boxes_xyxy: np.ndarray) -> np.ndarray:
+        """Map (N, 4) x1,y1,x2,y2 boxes to source pixels, clipped to the image."""
+        out = np.empty_like(boxes_xyxy, dtype=np.float32)
+        out[:, 0::2] = (boxes_xyxy[:, 0::2] - self.offset_x) / self.scale_x
+        out[:, 1::2] = (boxes_xyxy[:, 1::2] - self.offset_y) / self.scale_y
+        np.clip(out[:, 0::2], 0, self.src_width, out=out[:, 0::2])
+        np.clip(out[:, 1::2], 0, self.src_height, out=out[:, 1::2])
+        return out
+
+
+def infer_layout(shape: tuple[int | str, ...]) -> str | None:
+    """NHWC or NCHW from a rank-4 image tensor shape, None when it is not an image tensor."""
+    if len(shape) != 4:
+        return None
+    last, second = shape[3], shape[1]
+    if isinstance(last, int) and last in (1, 3):
+        return "NHWC"
+    if isinstance(second, int) and second in (1, 3):
+        return "NCHW"
+    return None
+
+
+class ImagePreprocessor:
+    """Turns a BGR (OpenCV order) or grayscale uint8 frame into the model's input tensor."""
+
+    def __init__(self, spec: ImageInput, tensor: TensorInfo) -> None:
+        layout = spec.layout or infer_layout(tensor.shape)
+        if layout is None:
+            raise BundleError(
+                f"input {tensor.name!r} with shape {list(tensor.shape)} is not an image tensor (NHWC or NCHW, 1 or 3 channels)",
+                "set [input] kind = 'tensor' or 'timeseries' in bundle.toml",
+            )
+        shape = tensor.shape
+        if len(shape) != 4:
+            raise BundleError(
+                f"image input {tensor.name!r} has rank {len(shape)}, expected 4", "fix [input] in bundle.toml"
+            )
+        h, w, c = (shape[1], shape[2], shape[3]) if layout == "NHWC" else (shape[2], shape[3], shape[1])
+        if not isinstance(c, int) or c not in (1, 3):
+            raise BundleError(
+                f"input {tensor.name!r}: {layout} shape {list(shape)} has no 1- or 3-channel axis", "fix [input].layout"
+            )
+        want_c = 1 if spec.color == "gray" else 3
+        if c != want_c:
+            raise BundleError(
+                f"bundle says colour {spec.color!r} ({want_c} channel(s)) but the model input has {c}",
+                "fix [input].color in bundle.toml",
+            )
+        model_size = (w, h) if isinstance(w, int) and w > 0 and isinstance(h, int) and h > 0 else None
+        if spec.size is not None and model_size is not None and tuple(spec.size) != model_size:
+            raise BundleError(
+                f"bundle says input size {list(spec.size)} (width, height) but the model takes {list(model_size)}",
+                "fix [input].size in bundle.toml",
+            )
+        size = model_size or (tuple(spec.size) if spec.size else None)
+        if size is None:
+            raise BundleError(f"input {tensor.name!r} has dynamic height/width", "set [input].size = [width, height]")
+        self.spec, self.tensor, self.layout, self.channels = spec, tensor, layout, c
+        self.width, self.height = size
+        mean = _per_channel(spec.mean, c, "mean")
+        std = _per_channel(spec.std, c, "std")
+        if np.any(std == 0):
+            raise BundleError("[input].std contains 0", "use non-zero standard deviations")
+        self._mean, self._std = mean, std
+        params = tensor.quant if tensor.is_quantized else None
+        out_dtype = tensor.dtype if tensor.dtype.kind in "iuf" else np.dtype(np.float32)
+        self._lut = quant.uint8_lut(params, out_dtype, mean, std).reshape(1, 256, c)
+        self._params = params
+
+    def __call__(self, frame: np.ndarray) -> tuple[np.ndarray, Transform]:
+        if not isinstance(frame, np.ndarray) or frame.ndim not in (2, 3) or frame.size == 0:
+            raise InputError("image must be a non-empty 2-D (gray) or 3-D (colour) array", "give a decoded image")
+        src_h, src_w = frame.shape[:2]
+        img = self._convert_color(frame)
+        img, transform = self._resize(img, src_w, src_h)
+        if img.dtype == np.uint8:
+            values = cv2.LUT(img, self._lut if self.channels > 1 else self._lut[..., 0])
+        else:
+            real = (img.astype(np.float32) - self._mean) / self._std
+            values = (
+                quant.quantize(real, self._params, self.tensor.dtype)
+                if self._params
+                else real.astype(self.tensor.dtype)
+            )
+        if values.ndim == 2:
+            values = values[:, :, np.newaxis]
+        if self.layout == "NCHW":
+            values = values.transpose(2, 0, 1)
+        return np.ascontiguousarray(values[np.newaxis]), transform
+
+    def _convert_color(self, frame: np.ndarray) -> np.ndarray:
+        if frame.ndim == 3 and frame.shape[2] == 1:
+            frame = frame[:, :, 0]
+        if frame.ndim == 3 and frame.shape[2] == 4:
+            frame = cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
+        if frame.ndim == 3 and frame.shape[2] != 3:
+            raise InputError(f"image has {frame.shape[2]} channels", "give a gray, BGR or BGRA image")
+        if self.spec.color == "gray":
+            return frame if frame.ndim == 2 else cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+        if frame.ndim == 2:
+            frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+        return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB) if self.spec.color == "rgb" else frame
+
+    def _resize(self, img: np.ndarray, src_w: int, src_h: int) -> tuple[np.ndarray, Transform]:
+        w, h = self.width, self.height
+        mode = self.spec.resize
+        if (src_w, src_h) == (w, h):
+            return img, Transform(1.0, 1.0, 0.0, 0.0, src_w, src_h)
+        interp = cv2.INTER_AREA if src_w > w and src_h > h else cv2.INTER_LINEAR
+        if mode == "squash":
+            out = cv2.resize(img, (w, h), interpolation=interp)
+            return out, Transform(w / src_w, h / src_h, 0.0, 0.0, src_w, src_h)
+        if mode == "letterbox":
+            scale = min(w / src_w, h / src_h)
+            nw, nh = max(1, round(src_w * scale)), max(1, round(src_h * scale))
+            resized = cv2.resize(img, (nw, nh), interpolation=interp)
+            left, top = (w - nw) // 2, (h - nh) // 2
+            fill = [self.spec.letterbox_fill] * (1 if img.ndim == 2 else img.shape[2])
+            out = cv2.copyMakeBorder(resized, top, h - nh - top, left, w - nw - left, cv2.BORDER_CONSTANT, value=fill)
+            return out, Transform(scale, scale, float(left), float(top), src_w, src_h)
+        scale = max(w / src_w, h / src_h)  # crop: fill the input, cut the overhang evenly
+        nw, nh = max(w, round(src_w * scale)), max(h, round(src_h * scale))
+        resized = cv2.resize(img, (nw, nh), interpolation=interp)
+        left, top = (nw - w) // 2, (nh - h) // 2
+        out = resized[top : top + h, left : left + w]
+        return out, Transform(scale, scale, -float(left), -float(top), src_w, src_h)
+
+
+def _per_channel(values: list[float], channels: int, key: str) -> np.ndarray:
+    if len(values) == 1:
+        return np.full(channels, values[0], dtype=np.float32)
+    if len(values) != channels:
+        raise BundleError(
+            f"[input].{key} has {len(values)} values for {channels} channels", f"give 1 or {channels} values"
+        )
+    return np.asarray(values, dtype=np.float32)

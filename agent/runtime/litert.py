@@ -1,0 +1,52 @@
+"""LiteRT backend (``ai-edge-litert``): the preferred runtime for .tflite models."""
+
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from agent.errors import ModelLoadError, RuntimeUnavailable
+from agent.runtime.tflite_common import TFLiteModel
+
+NAME = "litert"
+FORMATS = ("tflite",)
+
+
+class LiteRTConfig(BaseModel):
+    """``[runtime] type = "litert"``: threads and optional external delegate libraries."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: str = NAME
+    threads: int | None = None
+    delegates: list[str] = []  # shared libraries loaded with load_delegate (e.g. Coral, GPU)
+
+
+def probe() -> str:
+    """Return the runtime version, or raise RuntimeUnavailable saying why it cannot be used."""
+    try:
+        from ai_edge_litert import interpreter  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeUnavailable(
+            f"ai-edge-litert is not importable: {exc}", "pip install 'edge-agent[litert]'"
+        ) from None
+    try:
+        return metadata.version("ai-edge-litert")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def load(path: Path, threads: int | None = None, delegates: list[str] | None = None, **_: object) -> TFLiteModel:
+    version = probe()
+    from ai_edge_litert.interpreter import Interpreter, load_delegate
+
+    loaded = []
+    for lib in delegates or []:
+        try:
+            loaded.append(load_delegate(lib))
+        except (ValueError, OSError) as exc:
+            raise ModelLoadError(
+                f"delegate {lib!r} failed to load: {exc}", "install it or remove it from delegates"
+            ) from None
+    return TFLiteModel(path, Interpreter, NAME, version, threads=threads, delegates=loaded)

@@ -1,0 +1,220 @@
+"""ONNX Runtime backend, with a configurable execution-provider order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+from pydantic import BaseModel, ConfigDict
+
+from agent.errors import InputError, ModelLoadError, RuntimeUnavailable
+from agent.runtime.base import Model, ModelInfo, QuantParams, TensorInfo
+
+NAME = "onnxruntime"
+FORMATS = ("onnx",)
+DEFAULT_PROVIDERS = [
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "OpenVINOExecutionProvider",
+    "CPUExecutionProvider",
+]
+log = structlog.get_logger(__name__)
+
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(int16)": np.int16,
+    "tensor(uint16)": np.uint16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(bool)": np.bool_,
+}
+
+
+class OnnxRuntimeConfig(BaseModel):
+    """``[runtime] type = "onnxruntime"``: threads and execution providers in order of preference."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: str = NAME
+    threads: int | None = None
+    providers: list[str] = DEFAULT_PROVIDERS
+
+
+def probe() -> str:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"onnxruntime is not importable: {exc}", "pip install 'edge-agent[onnx]'") from None
+    return onnxruntime.__version__
+
+
+def available_providers() -> list[str]:
+    import onnxruntime
+
+    return list(onnxruntime.get_available_providers())
+
+
+def choose_providers(wanted: list[str] | None, available: list[str]) -> list[str]:
+    """Keep the wanted providers that exist here, in order; CPU is always last resort."""
+    chosen = [p for p in (wanted or DEFAULT_PROVIDERS) if p in available]
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def check_onnx_file(path: Path) -> None:
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(2)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read model {path}: {exc.strerror}", "check the path and permissions") from None
+    # An ONNX ModelProto starts with field 1 (ir_version, varint: 0x08) in every exporter we know of.
+    if not head or head[0] != 0x08:
+        raise ModelLoadError(
+            f"{path.name} is not an ONNX model (no ModelProto header; corrupt, truncated or another format)",
+            "re-export or re-download the model",
+        )
+
+
+def load(path: Path, threads: int | None = None, providers: list[str] | None = None, **_: object) -> OnnxRuntimeModel:
+    return OnnxRuntimeModel(path, threads=threads, providers=providers)
+
+
+class OnnxRuntimeModel(Model):
+    def __init__(self, path: Path, threads: int | None = None, providers: list[str] | None = None) -> None:
+        version = probe()
+        import onnxruntime as ort
+
+        check_onnx_file(path)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        chosen = choose_providers(providers, available_providers())
+        missing = [p for p in (providers or []) if p not in chosen]
+        if missing:
+            log.info("execution providers not available here, skipped", missing=missing, using=chosen)
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+        except Exception as exc:  # onnxruntime raises its own exception types for every model problem
+            raise ModelLoadError(_explain(path, exc), _fix_for(exc)) from None
+        quant = _io_quantization(path)
+        self.info = ModelInfo(
+            path=path,
+            format="onnx",
+            runtime=NAME,
+            runtime_version=version,
+            inputs=[_tensor_info(n, i, quant) for i, n in enumerate(self._session.get_inputs())],
+            outputs=[_tensor_info(n, i, quant) for i, n in enumerate(self._session.get_outputs())],
+            threads=threads,
+            providers=list(self._session.get_providers()),
+        )
+        self._output_names = [t.name for t in self.info.outputs]
+
+    def run_raw(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        feed = {t.name: a for t, a in zip(self.info.inputs, inputs, strict=True)}
+        try:
+            return list(self._session.run(self._output_names, feed))
+        except Exception as exc:  # invalid shapes/types surface as onnxruntime exceptions
+            msg = " ".join(str(exc).split())[:300]
+            raise InputError(f"inference failed: {msg}", "check the input shapes and dtypes") from None
+
+    def close(self) -> None:
+        self._session = None  # type: ignore[assignment]
+
+
+def _tensor_info(node: Any, index: int, quant: dict[str, QuantParams]) -> TensorInfo:
+    dtype = _ORT_DTYPES.get(node.type)
+    if dtype is None:
+        raise ModelLoadError(f"tensor {node.name!r} has unsupported type {node.type}", "use float or integer tensors")
+    shape = tuple(d if isinstance(d, int) else (d or -1) for d in node.shape)
+    return TensorInfo(name=node.name, shape=shape, dtype=np.dtype(dtype), quant=quant.get(node.name), index=index)
+
+
+def _io_quantization(path: Path) -> dict[str, QuantParams]:
+    """Scale/zero-point of graph inputs and outputs from the adjacent (De)QuantizeLinear nodes.
+
+    Needs the ``onnx`` package; without it quantization is simply not reported.
+    """
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        log.debug("onnx not installed: ONNX I/O quantization parameters not reported")
+        return {}
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return {}
+    graph = proto.graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name}
+    for node in graph.node:  # Constant nodes also carry scales in some exporters
+        if node.op_type == "Constant" and node.attribute:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    inits[node.output[0]] = numpy_helper.to_array(attr.t)
+    input_names = {i.name for i in graph.input} - set(inits)
+    output_names = {o.name for o in graph.output}
+    result: dict[str, QuantParams] = {}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in input_names:
+            params = _params(node, inits)
+            if params:
+                result.setdefault(node.input[0], params)
+        elif node.op_type == "QuantizeLinear" and node.output[0] in output_names:
+            params = _params(node, inits)
+            if params:
+                result.setdefault(node.output[0], params)
+        elif node.op_type == "QuantizeLinear" and node.input[0] in input_names:
+            params = _params(node, inits, in_graph=True)
+            if params:
+                result.setdefault(node.input[0], params)
+        elif node.op_type == "DequantizeLinear" and node.output[0] in output_names:
+            params = _params(node, inits, in_graph=True)
+            if params:
+                result.setdefault(node.output[0], params)
+    return result
+
+
+def _params(node: Any, inits: dict[str, np.ndarray], in_graph: bool = False) -> QuantParams | None:
+    scale = inits.get(node.input[1]) if len(node.input) > 1 else None
+    if scale is None:
+        return None
+    zero = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    scale = np.atleast_1d(scale).astype(np.float64)
+    zero = np.zeros(scale.shape, dtype=np.int64) if zero is None else np.atleast_1d(zero).astype(np.int64)
+    axis = None
+    if scale.size > 1:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    return QuantParams(tuple(float(s) for s in scale), tuple(int(z) for z in zero), axis, in_graph=in_graph)
+
+
+def _explain(path: Path, exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    lowered = text.lower()
+    if "ir version" in lowered:
+        return f"{path.name} uses an ONNX IR version this onnxruntime cannot read: {text[:300]}"
+    if (
+        "not a registered function/op" in lowered
+        or "could not find an implementation" in lowered
+        or "no opset import" in lowered
+    ):
+        return f"{path.name} needs an operator onnxruntime does not provide: {text[:300]}"
+    if "protobuf" in lowered:
+        return f"{path.name} is not a valid ONNX model (corrupt or truncated): {text[:200]}"
+    return f"{path.name} could not be loaded by onnxruntime: {text[:300]}"
+
+
+def _fix_for(exc: BaseException) -> str:
+    lowered = str(exc).lower()
+    if "ir version" in lowered:
+        return "re-export with a lower ir_version (e.g. model.ir_version = 10) or upgrade onnxruntime"
+    if "not a registered function/op" in lowered or "could not find an implementation" in lowered:
+        return "re-export the model with standard ONNX ops at an opset this onnxruntime supports"
+    return "re-export or re-download the model"

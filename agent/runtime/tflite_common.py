@@ -1,0 +1,164 @@
+"""Shared TFLite interpreter wrapper for the LiteRT and tflite-runtime backends (same API)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.errors import InputError, ModelLoadError
+from agent.runtime.base import Model, ModelInfo, QuantParams, TensorInfo
+
+TFLITE_MAGIC = b"TFL3"
+_stderr_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[list[str]]:
+    """Capture what the C++ runtime prints on fd 2 (e.g. "INFO: Created TensorFlow Lite XNNPACK delegate").
+
+    INFO lines are dropped; anything else is written back to stderr afterwards and
+    returned in the yielded list so errors can quote it.
+    """
+    kept: list[str] = []
+    with _stderr_lock, tempfile.TemporaryFile(mode="w+b") as tmp:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield kept
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode("utf-8", "replace")
+            kept.extend(ln for ln in text.splitlines() if ln.strip() and not ln.startswith("INFO:"))
+            if kept:
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.write("\n".join(kept) + "\n")
+
+
+def check_tflite_file(path: Path) -> None:
+    """Refuse files that are not TFLite flatbuffers before the runtime sees them."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(8)
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read model {path}: {exc.strerror}", "check the path and permissions") from None
+    if size < 16 or head[4:8] != TFLITE_MAGIC:
+        raise ModelLoadError(
+            f"{path.name} is not a TFLite model (missing TFL3 identifier; corrupt, truncated or another format)",
+            "re-export or re-download the model",
+        )
+
+
+def _quant(detail: dict[str, Any]) -> QuantParams | None:
+    qp = detail.get("quantization_parameters") or {}
+    scales = np.asarray(qp.get("scales", []), dtype=np.float64)
+    zeros = np.asarray(qp.get("zero_points", []), dtype=np.int64)
+    if scales.size == 0:
+        scale, zero = detail.get("quantization", (0.0, 0))
+        if not scale:
+            return None
+        return QuantParams((float(scale),), (int(zero),))
+    if zeros.size == 1 and scales.size > 1:
+        zeros = np.repeat(zeros, scales.size)
+    axis = int(qp.get("quantized_dimension", 0)) if scales.size > 1 else None
+    return QuantParams(tuple(float(s) for s in scales), tuple(int(z) for z in zeros), axis)
+
+
+def _tensor_info(detail: dict[str, Any]) -> TensorInfo:
+    signature = detail.get("shape_signature")
+    shape = signature if signature is not None and len(signature) else detail["shape"]
+    return TensorInfo(
+        name=str(detail["name"]),
+        shape=tuple(int(d) for d in shape),
+        dtype=np.dtype(detail["dtype"]),
+        quant=_quant(detail),
+        index=int(detail["index"]),
+    )
+
+
+class TFLiteModel(Model):
+    """A TFLite model run by an ``Interpreter`` class (LiteRT's or tflite-runtime's)."""
+
+    def __init__(
+        self,
+        path: Path,
+        interpreter_cls: Any,
+        runtime: str,
+        runtime_version: str,
+        threads: int | None = None,
+        delegates: list[Any] | None = None,
+    ) -> None:
+        check_tflite_file(path)
+        try:
+            with quiet_native_stderr():
+                self._interp = interpreter_cls(
+                    model_path=str(path), num_threads=threads, experimental_delegates=delegates or None
+                )
+                self._interp.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise ModelLoadError(_explain(path, exc), _fix_for(exc)) from None
+        self.info = ModelInfo(
+            path=path,
+            format="tflite",
+            runtime=runtime,
+            runtime_version=runtime_version,
+            inputs=[_tensor_info(d) for d in self._interp.get_input_details()],
+            outputs=[_tensor_info(d) for d in self._interp.get_output_details()],
+            threads=threads,
+        )
+        self._shapes = {t.index: tuple(t.concrete_shape()) for t in self.info.inputs}
+
+    def run_raw(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        interp = self._interp
+        for tensor, array in zip(self.info.inputs, inputs, strict=True):
+            if self._shapes[tensor.index] != array.shape:
+                self._resize(tensor, array.shape)
+            interp.set_tensor(tensor.index, array)
+        try:
+            interp.invoke()
+        except (RuntimeError, ValueError) as exc:
+            raise InputError(
+                f"inference failed: {str(exc).strip().splitlines()[0]}", "check the input shapes"
+            ) from None
+        return [interp.get_tensor(t.index) for t in self.info.outputs]
+
+    def _resize(self, tensor: TensorInfo, shape: tuple[int, ...]) -> None:
+        try:
+            self._interp.resize_tensor_input(tensor.index, list(shape), strict=True)
+            self._interp.allocate_tensors()
+        except (RuntimeError, ValueError) as exc:
+            raise InputError(
+                f"input {tensor.name!r} cannot take shape {list(shape)}: {str(exc).strip().splitlines()[0]}",
+                f"give shape {list(tensor.shape)}",
+            ) from None
+        self._shapes[tensor.index] = shape
+
+    def close(self) -> None:
+        self._interp = None  # type: ignore[assignment]
+
+
+def _explain(path: Path, exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    lowered = text.lower()
+    if "custom op" in lowered or "unresolved" in lowered or "didn't find op" in lowered or "op builtin_code" in lowered:
+        return f"{path.name} needs an operator this TFLite runtime does not provide: {text[:300]}"
+    return f"{path.name} could not be loaded by TFLite: {text[:300]}"
+
+
+def _fix_for(exc: BaseException) -> str:
+    lowered = str(exc).lower()
+    if "custom op" in lowered or "unresolved" in lowered or "didn't find op" in lowered:
+        return "re-export the model with builtin ops only, or use a runtime/delegate that provides the op"
+    return "re-export or re-download the model"

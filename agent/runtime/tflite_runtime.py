@@ -1,0 +1,70 @@
+"""``tflite-runtime`` backend: fallback for .tflite when LiteRT is not installed.
+
+tflite-runtime 2.14 (its last release) crashes under NumPy 2, so it is refused
+there with an explanation instead of failing deep inside the interpreter.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from agent.errors import ModelLoadError, RuntimeUnavailable
+from agent.runtime.tflite_common import TFLiteModel
+
+NAME = "tflite-runtime"
+FORMATS = ("tflite",)
+
+
+class TFLiteRuntimeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: str = NAME
+    threads: int | None = None
+    delegates: list[str] = []
+
+
+def numpy_incompatibility(numpy_version: str) -> str | None:
+    """Why tflite-runtime cannot run beside this NumPy, or None when it can."""
+    major = int(numpy_version.split(".")[0])
+    if major >= 2:
+        return (
+            f"tflite-runtime needs NumPy < 2 but NumPy {numpy_version} is installed "
+            "(it fails with 'SystemError ... returned a result with an exception set')"
+        )
+    return None
+
+
+def probe() -> str:
+    problem = numpy_incompatibility(np.__version__)
+    try:
+        from tflite_runtime import interpreter  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeUnavailable(
+            f"tflite-runtime is not importable: {exc}", "pip install 'edge-agent[tflite]' (needs NumPy < 2)"
+        ) from None
+    if problem:
+        raise RuntimeUnavailable(
+            problem, "use ai-edge-litert (pip install 'edge-agent[litert]') or pip install 'numpy<2'"
+        )
+    try:
+        return metadata.version("tflite-runtime")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def load(path: Path, threads: int | None = None, delegates: list[str] | None = None, **_: object) -> TFLiteModel:
+    version = probe()
+    from tflite_runtime.interpreter import Interpreter, load_delegate
+
+    loaded = []
+    for lib in delegates or []:
+        try:
+            loaded.append(load_delegate(lib))
+        except (ValueError, OSError) as exc:
+            raise ModelLoadError(
+                f"delegate {lib!r} failed to load: {exc}", "install it or remove it from delegates"
+            ) from None
+    return TFLiteModel(path, Interpreter, NAME, version, threads=threads, delegates=loaded)

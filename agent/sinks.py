@@ -1,0 +1,168 @@
+"""Result sinks (stdout, JSONL file) behind one bounded dispatch thread."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+from agent.config import JsonlSinkConfig, StdoutSinkConfig
+
+log = structlog.get_logger(__name__)
+
+
+class Sink:
+    name = "sink"
+
+    def write(self, record: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Make written records durable/visible."""
+
+    def close(self) -> None:
+        self.flush()
+
+
+class StdoutSink(Sink):
+    name = "stdout"
+
+    def __init__(self, config: StdoutSinkConfig, stream: TextIO | None = None) -> None:
+        self.config = config
+        self.stream = stream or sys.stdout
+        self._counts: dict[str, int] = {}
+
+    def write(self, record: dict[str, Any]) -> None:
+        pipeline = record.get("pipeline", "")
+        n = self._counts.get(pipeline, 0) + 1
+        self._counts[pipeline] = n
+        if (n - 1) % self.config.every:
+            return
+        line = json.dumps(record, separators=(",", ":")) if self.config.format == "json" else format_result(record)
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except (BrokenPipeError, ValueError):  # stdout closed: nothing more to show there
+            pass
+
+    def flush(self) -> None:
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            self.stream.flush()
+
+
+def format_result(record: dict[str, Any]) -> str:
+    """One readable line per result."""
+    head = f"[{record.get('pipeline')}#{record.get('seq')}] {record.get('model')}:"
+    task = record.get("task")
+    lat = f"({record.get('latency_ms', 0):.1f} ms)"
+    if task == "classification":
+        return f"{head} {record.get('label')} {record.get('score') or 0:.3f} {lat}"
+    if task == "detection":
+        dets = record.get("detections", [])
+        summary = ", ".join(f"{d['label']} {d['score']:.2f}" for d in dets[:5]) or "nothing"
+        return f"{head} {len(dets)} detection(s): {summary} {lat}"
+    if task == "anomaly":
+        verdict = "ANOMALY" if record.get("anomaly") else "normal"
+        return f"{head} {verdict} score {record.get('score'):.4f} {lat}"
+    return f"{head} {', '.join(record.get('outputs', {}))} {lat}"
+
+
+class JsonlSink(Sink):
+    """Appends one JSON object per line; rotates to PATH.1 beyond ``max_bytes``."""
+
+    name = "jsonl"
+
+    def __init__(self, config: JsonlSinkConfig) -> None:
+        self.path = Path(config.path)
+        self.max_bytes = config.max_bytes
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = self.path.open("a", encoding="utf-8")
+        self._failed = False
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        try:
+            if self._fh.tell() + len(line) > self.max_bytes:
+                self._rotate()
+            self._fh.write(line)
+            self._failed = False
+        except OSError as exc:  # disk full, removed directory: report once per episode, keep running
+            if not self._failed:
+                log.error("jsonl sink cannot write", path=str(self.path), error=exc.strerror)
+            self._failed = True
+
+    def _rotate(self) -> None:
+        self._fh.close()
+        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        self._fh = self.path.open("a", encoding="utf-8")
+
+    def flush(self) -> None:
+        try:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        self.flush()
+        self._fh.close()
+
+
+class ResultBus:
+    """Fans results out to sinks from one thread; ``put`` blocks briefly when the queue is full."""
+
+    def __init__(self, sinks: dict[str, Sink], maxsize: int = 10_000) -> None:
+        self.sinks = sinks
+        self._q: queue.Queue[tuple[list[str], dict[str, Any]] | None] = queue.Queue(maxsize)
+        self._thread = threading.Thread(target=self._run, name="result-bus", daemon=True)
+        self.delivered = 0
+        self.overflowed = 0
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def emitter(self, sink_names: list[str]) -> Callable[[dict[str, Any]], None]:
+        names = [n for n in sink_names if n in self.sinks]
+
+        def emit(record: dict[str, Any]) -> None:
+            try:
+                self._q.put((names, record), timeout=5.0)
+            except queue.Full:
+                self.overflowed += 1
+                log.error("result queue full for 5 s: a sink is stuck, result dropped", pipeline=record.get("pipeline"))
+
+        return emit
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            names, record = item
+            for name in names:
+                try:
+                    self.sinks[name].write(record)
+                except Exception:  # a sink bug must not stop the others
+                    log.exception("sink failed", sink=name)
+            for listener in self.listeners:
+                listener(record)
+            self.delivered += 1
+
+    def depth(self) -> int:
+        return self._q.qsize()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Deliver everything queued, then flush and close the sinks."""
+        self._q.put(None)
+        self._thread.join(timeout)
+        for sink in self.sinks.values():
+            sink.close()

@@ -1,0 +1,110 @@
+"""The input-source plugin interface.
+
+A source is one small module with one pydantic config model (discriminated on
+``type``) and a ``Source`` subclass. Sources own their reconnect logic: ``read``
+never raises for a vanished device; it reports it in ``health`` and keeps trying
+with backoff until ``close``.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+SampleKind = Literal["image", "row"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One unit of input: a BGR/gray frame (kind image) or one row of sensor values (kind row)."""
+
+    data: np.ndarray
+    timestamp: float  # time.time() at capture
+    seq: int  # per-source sequence number, gaps mean data lost at the source
+    monotonic: float = field(default_factory=time.monotonic)
+    gap: bool = False  # True for the first sample after a reconnect: windows must not span it
+
+
+@dataclass
+class SourceHealth:
+    """Counters every source keeps; reported in telemetry."""
+
+    connected: bool = False
+    samples: int = 0
+    reconnects: int = 0
+    stalls: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    last_sample_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Backoff:
+    """Exponential backoff with a cap; ``reset`` after a success."""
+
+    def __init__(self, initial: float = 0.5, maximum: float = 30.0, factor: float = 2.0) -> None:
+        self.initial, self.maximum, self.factor = initial, maximum, factor
+        self._next = initial
+
+    def next_delay(self) -> float:
+        delay = self._next
+        self._next = min(self.maximum, self._next * self.factor)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self.initial
+
+
+class Source(abc.ABC):
+    """An input source. Thread-safe to ``close`` from another thread."""
+
+    kind: SampleKind = "image"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.health = SourceHealth()
+        self._closed = threading.Event()
+        self._seq = 0
+
+    @abc.abstractmethod
+    def read(self, timeout: float = 1.0) -> Sample | None:
+        """Next sample, or None when nothing arrived within ``timeout`` (or the source ended/closed)."""
+
+    @property
+    def finished(self) -> bool:
+        """True when a finite source (file, directory) has delivered everything."""
+        return False
+
+    @property
+    def live(self) -> bool:
+        """Live sources (cameras, sensors) drop stale samples under overload; others apply backpressure."""
+        return True
+
+    def close(self) -> None:
+        self._closed.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def probe(self) -> str | None:
+        """For `edge-agent check`: None when the source can be opened now, else why not."""
+        return None
+
+    def _sample(self, data: np.ndarray, gap: bool = False) -> Sample:
+        self._seq += 1
+        now = time.time()
+        self.health.samples += 1
+        self.health.last_sample_at = now
+        return Sample(data=data, timestamp=now, seq=self._seq, gap=gap)
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep unless closed; True when closed meanwhile."""
+        return self._closed.wait(seconds)

@@ -1,0 +1,163 @@
+"""End-to-end daemon pipeline benchmark: a video file through the int8 classifier.
+
+Compares the pipelined agent (decode | pre-process | inference | sinks in threads) with
+the bare runtime loop over the same decoded frames, in the same run, and measures
+capture-to-result latency and RSS over a soak run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import psutil
+
+from agent.benchmark import percentiles
+from agent.config import parse_config
+from agent.daemon import Daemon
+from agent.predictor import Predictor
+
+SAMPLES = Path(__file__).resolve().parent.parent / "agent" / "samples"
+BUNDLE = SAMPLES / "digits-classifier-tflite"
+
+
+def make_video(path: Path, frames: int = 600, size: tuple[int, int] = (320, 240)) -> Path:
+    digits = [cv2.imread(str(p)) for p in sorted((SAMPLES / "inputs").glob("digit_*.png"))]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, size)
+    for i in range(frames):
+        frame = cv2.resize(digits[i % len(digits)], size, interpolation=cv2.INTER_LINEAR)
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def decoded_frames(video: Path) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(video))
+    frames = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(frame)
+    cap.release()
+    return frames
+
+
+def bare_fps(video: Path, threads: int) -> float:
+    """The runtime alone over the same frames: tensors prepared up front, timed loop of invoke only."""
+    predictor = Predictor.open(BUNDLE, threads=threads)
+    try:
+        tensors = [predictor.prepare(f).tensors for f in decoded_frames(video)]
+        model = predictor.model
+        for t in tensors[:20]:
+            model.run_raw(t)
+        start = time.perf_counter()
+        for t in tensors:
+            model.run_raw(t)
+        return len(tensors) / (time.perf_counter() - start)
+    finally:
+        predictor.close()
+
+
+def agent_run(
+    video: Path, threads: int, out_dir: Path, loop: bool = False, duration: float | None = None
+) -> dict[str, Any]:
+    config = parse_config(
+        {
+            "device_id": "bench",
+            "sources": {"video": {"type": "camera", "device": str(video), "realtime": False, "loop": loop}},
+            "pipelines": {
+                "video": {
+                    "source": "video",
+                    "model": str(BUNDLE),
+                    "threads": threads,
+                    "queue_size": 2,
+                    "sinks": ["jsonl"],
+                }
+            },
+            "sinks": {"jsonl": {"path": str(out_dir / "results.jsonl")}},
+            "log_level": "warning",
+        }
+    )
+    daemon = Daemon(config, duration=duration)
+    rss: list[tuple[float, float]] = []
+    stop = threading.Event()
+    proc = psutil.Process()
+
+    def sample_rss() -> None:
+        t0 = time.monotonic()
+        while not stop.wait(2.0):
+            rss.append((time.monotonic() - t0, proc.memory_info().rss / 2**20))
+
+    sampler = threading.Thread(target=sample_rss, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    snapshot: dict[str, Any] = {}
+    original_shutdown = daemon._shutdown
+
+    def capture_then_shutdown() -> None:
+        for name, p in daemon.pipelines.items():
+            snapshot[name] = {
+                "processed": p.stats.processed,
+                "dropped": p.stats.dropped,
+                "latency": list(p.stats.latencies_ms),
+            }
+        original_shutdown()
+
+    daemon._shutdown = capture_then_shutdown  # type: ignore[method-assign]
+    daemon.run()
+    elapsed = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    snap = snapshot["video"]
+    return {
+        "elapsed_s": elapsed,
+        "processed": snap["processed"],
+        "dropped": snap["dropped"],
+        "fps": snap["processed"] / elapsed,
+        "latency_ms": percentiles(snap["latency"]),
+        "rss": rss,
+    }
+
+
+def run(threads: int = 1, rounds: int = 3, soak_seconds: float = 120.0) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmpdir = Path(tmp)
+        video = make_video(tmpdir / "digits.avi")
+        bare, agent = [], []
+        latency: dict[str, float] = {}
+        for _ in range(rounds):
+            bare.append(bare_fps(video, threads))
+            result = agent_run(video, threads, tmpdir)
+            agent.append(result["fps"])
+            latency = result["latency_ms"]
+            (tmpdir / "results.jsonl").unlink(missing_ok=True)
+        report: dict[str, Any] = {
+            "frames": 600,
+            "threads": threads,
+            "bare_fps": round(statistics.median(bare), 1),
+            "agent_fps": round(statistics.median(agent), 1),
+            "ratio": round(statistics.median(agent) / statistics.median(bare), 3),
+            "agent_latency_ms": latency,
+        }
+        if soak_seconds > 0:
+            soak = agent_run(video, threads, tmpdir, loop=True, duration=soak_seconds)
+            samples = soak["rss"]
+            steady = [v for t, v in samples if t >= min(60.0, soak_seconds / 4)]
+            report["soak"] = {
+                "seconds": round(soak["elapsed_s"], 1),
+                "processed": soak["processed"],
+                "fps": round(soak["fps"], 1),
+                "latency_ms": soak["latency_ms"],
+                "rss_start_mb": round(steady[0], 1) if steady else None,
+                "rss_end_mb": round(steady[-1], 1) if steady else None,
+                "rss_growth_mb": round(steady[-1] - steady[0], 1) if len(steady) > 1 else None,
+                "rss_max_mb": round(max(v for _, v in samples), 1) if samples else None,
+            }
+        return report

@@ -1,0 +1,149 @@
+"""Benchmarks (`make bench`). Ratios against a baseline measured in the same run, never asserted.
+
+inference: the agent's predict path (pre-process + infer + post-process) vs the bare
+runtime loop (set input, invoke, get output) on the same model, input and threads.
+Rounds alternate between the two so machine noise hits both alike; medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent.benchmark import bare_loop, measure, peak_rss_mb  # noqa: E402
+from agent.inputs import read_image  # noqa: E402
+from agent.predictor import Predictor  # noqa: E402
+
+SAMPLES = ROOT / "agent" / "samples"
+CASES = [
+    ("digits-classifier-tflite", "digit_7.png"),
+    ("digits-classifier-onnx", "digit_7.png"),
+    ("digits-detector", "scene_0.png"),
+]
+
+
+def bench_inference(bundle: str, image: str, threads: int, seconds: float, rounds: int) -> dict[str, Any]:
+    predictor = Predictor.open(SAMPLES / bundle, threads=threads)
+    try:
+        frame = read_image(SAMPLES / "inputs" / image)
+        agent_step = lambda: predictor.predict_image(frame)  # noqa: E731
+        bare_step = bare_loop(predictor)
+        agent_runs, bare_runs = [], []
+        for _ in range(rounds):
+            bare_runs.append(measure(bare_step, seconds / rounds))
+            agent_runs.append(measure(agent_step, seconds / rounds))
+        bare_fps = statistics.median(r["throughput_per_s"] for r in bare_runs)
+        agent_fps = statistics.median(r["throughput_per_s"] for r in agent_runs)
+        bare_p50 = statistics.median(r["latency_ms"]["p50"] for r in bare_runs)
+        agent_p50 = statistics.median(r["latency_ms"]["p50"] for r in agent_runs)
+        agent_p99 = statistics.median(r["latency_ms"]["p99"] for r in agent_runs)
+        info = predictor.model.info
+        return {
+            "bundle": bundle,
+            "runtime": f"{info.runtime} {info.runtime_version}",
+            "threads": threads,
+            "input": f"{image} {frame.shape[1]}x{frame.shape[0]}",
+            "bare_per_s": bare_fps,
+            "agent_per_s": agent_fps,
+            "ratio": round(agent_fps / bare_fps, 4),
+            "overhead_pct": round((bare_fps / agent_fps - 1) * 100, 2),
+            "bare_p50_ms": bare_p50,
+            "agent_p50_ms": agent_p50,
+            "agent_p99_ms": agent_p99,
+        }
+    finally:
+        predictor.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=6.0, help="per case and side")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--soak-seconds", type=float, default=120.0, help="pipeline soak run (RSS growth); 600 for the full figure"
+    )
+    parser.add_argument("--only", choices=["inference", "pipeline"], help="run one part")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    args = parser.parse_args()
+
+    from rich.console import Console
+
+    console = Console()
+    np.random.seed(0)
+    results = []
+    report: dict[str, Any] = {}
+    if args.only in (None, "inference"):
+        for bundle, image in CASES:
+            console.print(f"inference: {bundle} ...")
+            results.append(bench_inference(bundle, image, args.threads, args.seconds, args.rounds))
+        report["inference"] = results
+        print_inference(console, results)
+    if args.only in (None, "pipeline"):
+        from bench.pipeline_bench import run as run_pipeline
+
+        console.print(f"pipeline: video through the int8 classifier (soak {args.soak_seconds:.0f} s) ...")
+        pipe = run_pipeline(threads=args.threads, soak_seconds=args.soak_seconds)
+        report["pipeline"] = pipe
+        console.print(
+            f"pipeline ({pipe['frames']} frames, threads={pipe['threads']}): agent {pipe['agent_fps']} fps vs bare loop "
+            f"{pipe['bare_fps']} fps -> ratio {pipe['ratio']}; capture->result p50 {pipe['agent_latency_ms']['p50']} ms, "
+            f"p99 {pipe['agent_latency_ms']['p99']} ms"
+        )
+        if "soak" in pipe:
+            s = pipe["soak"]
+            console.print(
+                f"soak {s['seconds']} s: {s['processed']} results at {s['fps']} fps, p99 {s['latency_ms']['p99']} ms; "
+                f"RSS {s['rss_start_mb']} -> {s['rss_end_mb']} MB (growth {s['rss_growth_mb']} MB, max {s['rss_max_mb']} MB)"
+            )
+    console.print(f"peak RSS {peak_rss_mb():.0f} MB")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2))
+    console.print(f"written {args.output}")
+    return 0
+
+
+def print_inference(console: Any, results: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title="predict path (agent) vs bare runtime loop, same model/input/threads", title_justify="left")
+    for col in (
+        "bundle",
+        "runtime",
+        "thr",
+        "bare /s",
+        "agent /s",
+        "agent/bare",
+        "overhead",
+        "bare p50 ms",
+        "agent p50 ms",
+        "agent p99 ms",
+    ):
+        table.add_column(col)
+    for r in results:
+        table.add_row(
+            r["bundle"],
+            r["runtime"],
+            str(r["threads"]),
+            f"{r['bare_per_s']:.0f}",
+            f"{r['agent_per_s']:.0f}",
+            f"{r['ratio']:.3f}",
+            f"{r['overhead_pct']:.1f}%",
+            f"{r['bare_p50_ms']:.3f}",
+            f"{r['agent_p50_ms']:.3f}",
+            f"{r['agent_p99_ms']:.3f}",
+        )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Fleet management server and `fleet` console."""
