@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 EXTRAS ?= dev
 
-.PHONY: all venv mosquitto demo test test-all bench lint format clean models
+.PHONY: all venv tflite-venv mosquitto demo test test-all bench lint format clean models
 
 all: test
 
@@ -14,6 +14,14 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# A second venv with NumPy < 2 and tflite-runtime: the fallback backend is tested for real.
+TFLITE_VENV ?= .venv-tflite
+$(TFLITE_VENV)/.stamp: pyproject.toml
+	@tools/make-tflite-venv.sh $(PYTHON) $(TFLITE_VENV)
+	@touch $@
+
+tflite-venv: $(TFLITE_VENV)/.stamp
 
 mosquitto:
 	@tools/ensure-mosquitto.sh
@@ -30,11 +38,11 @@ demo: venv
 	@echo "== latency of the int8 classifier"
 	$(BIN)/edge-agent bench agent/samples/digits-classifier-tflite --seconds 2 --threads 1
 
-test: venv mosquitto
+test: venv mosquitto tflite-venv
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 # Everything, including the long soak/fuzz runs that `make test` bounds.
-test-all: venv mosquitto
+test-all: venv mosquitto tflite-venv
 	SLOW=1 $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 bench: venv
@@ -53,4 +61,4 @@ models:
 	.venv-build/bin/python tools/build_sample_models.py
 
 clean:
-	rm -rf $(VENV) .venv-build .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(TFLITE_VENV) .venv-build .pytest_cache build *.egg-info

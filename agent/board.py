@@ -9,7 +9,7 @@ import math
 import platform
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -104,25 +104,22 @@ def detect_board(
     profiles = available_profiles() if profiles is None else profiles
     raw_machine = machine if machine is not None else platform.machine()
     machine = _MACHINE_ALIASES.get(raw_machine.lower(), raw_machine.lower())
-    evidence: dict[str, str] = {"platform.machine()": raw_machine}
-    model: str | None = None
-    compatible: tuple[str, ...] = ()
+    board = BoardInfo(profile_id=None, machine=raw_machine, evidence={"platform.machine()": raw_machine})
     if (found := _first(root, DT_MODEL)) is not None:
         model = found[1].split("\0")[0].strip() or None
-        evidence[found[0]] = model or ""
+        board = replace(board, model=model, evidence={**board.evidence, found[0]: model or ""})
     if (found := _first(root, DT_COMPATIBLE)) is not None:
         compatible = tuple(c.strip() for c in found[1].split("\0") if c.strip())
-        evidence[found[0]] = ", ".join(compatible)
-    l4t = jetpack = None
+        board = replace(board, compatible=compatible, evidence={**board.evidence, found[0]: ", ".join(compatible)})
     if (text := _read_text(root / NV_TEGRA_RELEASE)) is not None:
-        evidence["/" + NV_TEGRA_RELEASE] = text.splitlines()[0].strip() if text.strip() else ""
-        if (parsed := parse_l4t_release(text)) is not None:
-            l4t, jetpack = parsed
-    found_info = {"machine": raw_machine, "model": model, "compatible": compatible, "l4t_release": l4t,
-                  "jetpack": jetpack, "evidence": evidence}  # fmt: skip
+        first_line = text.strip().splitlines()[0].strip() if text.strip() else ""
+        l4t, jetpack = parse_l4t_release(text) or (None, None)
+        board = replace(
+            board, l4t_release=l4t, jetpack=jetpack, evidence={**board.evidence, "/" + NV_TEGRA_RELEASE: first_line}
+        )
 
-    scored = sorted(((len(h), pid, h) for pid, p in profiles.items() if (h := _hits(p, model, compatible))),
-                    key=lambda t: (-t[0], t[1]))  # fmt: skip
+    scored = [(len(h), pid, h) for pid, p in profiles.items() if (h := _hits(p, board.model, board.compatible))]
+    scored.sort(key=lambda t: (-t[0], t[1]))
     warnings: list[str] = []
     if scored:
         _, pid, hits = scored[0]
@@ -133,22 +130,25 @@ def detect_board(
     else:
         by_machine = sorted(pid for pid, p in profiles.items() if machine in {m.lower() for m in p.detection.machine})
         if not by_machine:
-            described = f"model {model!r}" if model else "no device-tree model"
-            if compatible:
-                described += f", compatible {', '.join(compatible)}"
+            described = f"model {board.model!r}" if board.model else "no device-tree model"
+            if board.compatible:
+                described += f", compatible {', '.join(board.compatible)}"
             known = ", ".join(sorted(profiles)) or "none"
             reason = f"no firmware profile matches this board ({described}, machine {raw_machine}); known: {known}"
-            return BoardInfo(profile_id=None, reason=reason, **found_info)  # type: ignore[arg-type]
+            return replace(board, reason=reason)
         pid, hits = by_machine[0], [f"machine is {raw_machine!r}"]
         reason = f"{pid}: no board profile matched; fallback by machine {raw_machine!r}"
 
     profile = profiles[pid]
     if profile.arch != machine:
         warnings.append(f"profile {pid} is for {profile.arch} but this machine is {raw_machine}: wheels may be missing")
+    l4t = board.l4t_release
     if profile.detection.l4t and l4t is not None and f"R{l4t.split('.')[0]}" not in profile.detection.l4t:
         expected = "/".join(profile.detection.l4t)
-        warnings.append(f"profile {pid} is written for L4T {expected} but this board runs R{l4t} (JetPack {jetpack})")
-    return BoardInfo(profile_id=pid, matched_by=tuple(hits), reason=reason, warnings=tuple(warnings), **found_info)  # type: ignore[arg-type]
+        warnings.append(
+            f"profile {pid} is written for L4T {expected} but this board runs R{l4t} (JetPack {board.jetpack})"
+        )
+    return replace(board, profile_id=pid, matched_by=tuple(hits), reason=reason, warnings=tuple(warnings))
 
 
 def _read_millidegrees(path: Path) -> float | None:

@@ -65,7 +65,9 @@ def add_board(config: AgentConfig, add: Any) -> None:
         add("board", True, "board detection not available")
         return
     try:
-        board = detect_board()
+        from pathlib import Path
+
+        board = detect_board(Path(config.board_root))
         profile_id = board.profile_id if config.profile == "auto" else config.profile
         if profile_id is None:
             add(

@@ -72,7 +72,8 @@ class AgentConfig(_Strict):
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     status_interval: float = Field(default=5.0, gt=0)  # seconds between STATUS= updates and stats logs
-    thermal_interval: float = Field(default=5.0, gt=0)
+    thermal_interval: float | None = Field(default=None, gt=0)  # default: the firmware profile's poll interval
+    board_root: str = "/"  # where /proc and /sys are read (board detection, temperatures); for containers and tests
     sources: dict[str, SourceConfig] = Field(default_factory=dict)
     pipelines: dict[str, PipelineConfig] = Field(default_factory=dict)
     sinks: SinksConfig = Field(default_factory=SinksConfig)

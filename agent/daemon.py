@@ -22,6 +22,8 @@ from agent.sources import create_source
 from agent.systemd import Notifier
 
 log = structlog.get_logger(__name__)
+# How much of the normal frame rate each thermal state allows (critical: nearly paused, never stopped).
+THERMAL_RATE_FACTORS = {"normal": 1.0, "throttle": 0.5, "critical": 0.1}
 
 
 class Daemon:
@@ -50,6 +52,7 @@ class Daemon:
         self.rate_factor = 1.0
         self.thermal_state = "normal"
         self.profile: Any = None
+        self.temperatures: dict[str, float] = {}
 
     # ---- signals ------------------------------------------------------------------------------
 
@@ -63,6 +66,49 @@ class Daemon:
 
     def request_reload(self) -> None:
         self._reload.set()
+
+    # ---- board -------------------------------------------------------------------------------
+
+    def resolve_profile(self) -> Any:
+        """The firmware profile named in the config, or the detected board's; None when unknown."""
+        from agent.board import detect_board
+        from agent.profiles import get_profile
+
+        if self.config.profile != "auto":
+            return get_profile(self.config.profile)
+        board = detect_board(Path(self.config.board_root))
+        if board.profile_id is None:
+            log.warning("board not recognised: no firmware profile, no thermal throttling", reason=board.reason)
+            return None
+        log.info("board detected", profile=board.profile_id, model=board.model)
+        return get_profile(board.profile_id)
+
+    def _thermal_loop(self) -> None:
+        from agent.board import read_temperatures, throttle_decision
+
+        profile = self.profile
+        interval = self.config.thermal_interval or profile.thermal.poll_s
+        root = Path(self.config.board_root)
+        while not self._stop.is_set():
+            try:
+                temps = read_temperatures(profile, root)
+            except OSError as exc:
+                log.warning("cannot read temperatures", error=str(exc))
+                temps = {}
+            self.temperatures = temps
+            hottest = max(temps.values()) if temps else None
+            state = throttle_decision(hottest, profile.thermal, self.thermal_state != "normal")
+            if state != self.thermal_state:
+                self.rate_factor = THERMAL_RATE_FACTORS[state]
+                (log.info if state == "normal" else log.warning)(
+                    "thermal state changed",
+                    state=state,
+                    temperature_c=hottest,
+                    rate_factor=self.rate_factor,
+                )
+                self.thermal_state = state
+                self.notifier.status(self.status_line())
+            self._stop.wait(interval)
 
     # ---- building -----------------------------------------------------------------------------
 
@@ -138,6 +184,11 @@ class Daemon:
         # Stages hand the GIL back and forth around C calls (decode, resize, invoke); a short switch
         # interval keeps a thread returning from invoke from waiting up to 5 ms behind a busy one.
         sys.setswitchinterval(0.0005)
+        try:
+            self.profile = self.resolve_profile()
+        except AgentError as exc:
+            log.error("firmware profile unusable", error=str(exc))
+            self.profile = None
         self._start(self.config)
         if not self.pipelines:
             self.notifier.status("no pipeline could start: " + "; ".join(self.pipeline_errors.values()))
@@ -145,6 +196,8 @@ class Daemon:
             self._shutdown()
             return 1
         last_watchdog = last_status = 0.0
+        if self.profile is not None:
+            threading.Thread(target=self._thermal_loop, name="thermal", daemon=True).start()
         try:
             while not self._stop.wait(0.1):
                 now = time.monotonic()
@@ -217,5 +270,6 @@ class Daemon:
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "pipelines": {n: p.snapshot() for n, p in self.pipelines.items()},
             "pipeline_errors": self.pipeline_errors,
-            "thermal": {"state": self.thermal_state, "rate_factor": self.rate_factor},
+            "thermal": {"state": self.thermal_state, "rate_factor": self.rate_factor, "temperatures": self.temperatures},
+            "profile": getattr(self.profile, "id", None),
         }

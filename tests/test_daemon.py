@@ -175,3 +175,99 @@ def test_bad_config_is_one_line(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("run", "--config", config), "no source named 'camera'")
     assert_one_line_error(run_cli("run", "--config", tmp_path / "missing.toml"), "does not exist")
     assert os.path.exists(config)
+
+
+def test_serial_sensor_unplugged_and_replugged(tmp_path: Path, notify: NotifySocket) -> None:
+    """The anomaly pipeline on a real pty behind a by-id style symlink; the device vanishes and returns."""
+    from tests.test_source_serial import Feeder, Pty
+
+    rows = [ln for ln in (Path(__file__).parent.parent / "agent/samples/inputs/sensor_normal.csv").read_text().splitlines()[1:] if ln]
+    link = tmp_path / "usb-sensor"
+
+    def line(i: int) -> bytes:
+        return b"ax,ay,az\n" if i % 50 == 0 else (rows[i % len(rows)] + "\n").encode()
+
+    pty = Pty()
+    link.symlink_to(pty.path)
+    feeder = Feeder(pty, line, interval=0.002)
+    feeder.start()
+    results = tmp_path / "results.jsonl"
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'status_interval = 0.5\n[sources.vib]\ntype = "serial"\nport = "{link}"\nchannels = ["ax", "ay", "az"]\n'
+        f"read_timeout = 0.1\nreconnect_initial = 0.1\nreconnect_max = 0.3\n"
+        f'[pipelines.bearing]\nsource = "vib"\nmodel = "sample:sensor-anomaly"\nsinks = ["jsonl"]\n'
+        f'[sinks.jsonl]\npath = "{results}"\n'
+    )
+    proc = start_agent(["run", "--config", str(config)], notify, output_dir=tmp_path)
+    try:
+        notify.wait_for("READY", "1", timeout=30)
+        assert wait_until(lambda: len(read_results(results)) >= 20, timeout=20)
+        # unplug: the link dangles and the pty goes away
+        feeder.stop()
+        link.unlink()
+        link.symlink_to(tmp_path / "gone")
+        pty.close()
+        time.sleep(1.0)
+        during = len(read_results(results))
+        time.sleep(1.0)
+        assert len(read_results(results)) == during  # nothing while unplugged
+        assert proc.poll() is None  # and the daemon is still up
+        # replug: a new device node behind the same link
+        pty = Pty()
+        link.unlink()
+        link.symlink_to(pty.path)
+        feeder = Feeder(pty, line, interval=0.002)
+        feeder.start()
+        assert wait_until(lambda: len(read_results(results)) >= during + 20, timeout=20)
+        records = read_results(results)
+        assert all(r["task"] == "anomaly" for r in records)
+        assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    finally:
+        feeder.stop()
+        assert stop(proc) == 0
+        pty.close()
+
+
+def test_hot_board_lowers_the_rate_and_says_so(tmp_path: Path, notify: NotifySocket) -> None:
+    """A Raspberry Pi 4 (detected from copies of its /proc and /sys files) heats up and cools down."""
+    import shutil
+
+    board = tmp_path / "board"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "boards" / "rpi4", board)
+    temp_file = board / "sys/class/thermal/thermal_zone0/temp"
+    temp_file.write_text("50000\n")
+    model = onnx_models.float_image_classifier(tmp_path / "m.onnx", channels=3, size=8, classes=4)
+    results = tmp_path / "results.jsonl"
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'board_root = "{board}"\nthermal_interval = 0.2\nstatus_interval = 0.5\n'
+        f'[sources.cam]\ntype = "synthetic"\nrate = 200\nwidth = 32\nheight = 32\n'
+        f'[pipelines.p]\nsource = "cam"\nmodel = "{model}"\nmax_fps = 40\nsinks = ["jsonl"]\n'
+        f'[sinks.jsonl]\npath = "{results}"\n'
+    )
+
+    def rate_over(seconds: float) -> float:
+        before = len(read_results(results))
+        time.sleep(seconds)
+        return (len(read_results(results)) - before) / seconds
+
+    proc = start_agent(["run", "--config", str(config)], notify, output_dir=tmp_path)
+    try:
+        notify.wait_for("READY", "1", timeout=30)
+        time.sleep(0.5)
+        cool = rate_over(2.0)
+        t0 = time.monotonic()
+        temp_file.write_text("75000\n")  # above throttle_c = 72 in rpi4.toml
+        status = notify.wait_for("STATUS", since=t0, timeout=10)
+        assert wait_until(lambda: any("thermal throttle" in m["STATUS"] for _, m in notify.having("STATUS", since=t0)), 10)
+        time.sleep(0.5)
+        hot = rate_over(2.0)
+        temp_file.write_text("60000\n")  # below resume_c = 67
+        t1 = time.monotonic()
+        assert wait_until(lambda: any("thermal" not in m["STATUS"] for _, m in notify.having("STATUS", since=t1)), 10)
+    finally:
+        assert stop(proc) == 0
+    assert cool > 25 and hot < cool * 0.7, (cool, hot, status)
+    log = (tmp_path / "stderr.txt").read_text()
+    assert '"thermal state changed"' in log and '"state": "throttle"' in log and '"profile": "rpi4"' in log

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import structlog
 
 from agent.errors import InputError, ModelLoadError
 from agent.runtime.base import Model, ModelInfo, QuantParams, TensorInfo
 
+log = structlog.get_logger(__name__)
 TFLITE_MAGIC = b"TFL3"
 _stderr_lock = threading.Lock()
 
@@ -24,8 +26,8 @@ _stderr_lock = threading.Lock()
 def quiet_native_stderr() -> Iterator[list[str]]:
     """Capture what the C++ runtime prints on fd 2 (e.g. "INFO: Created TensorFlow Lite XNNPACK delegate").
 
-    INFO lines are dropped; anything else is written back to stderr afterwards and
-    returned in the yielded list so errors can quote it.
+    INFO lines are dropped; anything else is collected in the yielded list for the
+    caller to log (on success) or to leave to the error it raises (on failure).
     """
     kept: list[str] = []
     with _stderr_lock, tempfile.TemporaryFile(mode="w+b") as tmp:
@@ -41,9 +43,6 @@ def quiet_native_stderr() -> Iterator[list[str]]:
             tmp.seek(0)
             text = tmp.read().decode("utf-8", "replace")
             kept.extend(ln for ln in text.splitlines() if ln.strip() and not ln.startswith("INFO:"))
-            if kept:
-                with contextlib.suppress(OSError, ValueError):
-                    sys.stderr.write("\n".join(kept) + "\n")
 
 
 def check_tflite_file(path: Path) -> None:
@@ -102,13 +101,15 @@ class TFLiteModel(Model):
     ) -> None:
         check_tflite_file(path)
         try:
-            with quiet_native_stderr():
+            with quiet_native_stderr() as said:
                 self._interp = interpreter_cls(
                     model_path=str(path), num_threads=threads, experimental_delegates=delegates or None
                 )
                 self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise ModelLoadError(_explain(path, exc), _fix_for(exc)) from None
+        if said:
+            log.warning("tflite runtime messages at load", model=path.name, messages=said)
         self.info = ModelInfo(
             path=path,
             format="tflite",
