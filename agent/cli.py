@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the daemon (the embedded default when no --config is given)")
     p.add_argument("--config", type=Path, help="agent.toml (default: embedded sample pipelines)")
     p.add_argument("--device-id", help="override device_id from the config")
+    p.add_argument(
+        "--broker",
+        help="MQTT broker URL, e.g. mqtt://127.0.0.1:1883 or mqtts://user:pass@host:8883 (overrides [mqtt].broker)",
+    )
+    p.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], help="MQTT protocol version (overrides [mqtt].protocol)")
     p.add_argument("--duration", type=float, help="stop after this many seconds (default: run until SIGTERM)")
     p.add_argument("--results", choices=["text", "json"], help="stdout result format (overrides [sinks.stdout].format)")
     p.add_argument(
@@ -317,8 +322,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.logging import configure
 
     config = _load_config(args)
-    if args.device_id:
-        config.device_id = args.device_id
+    _apply_overrides(config, args)
     if args.results:
         config.sinks.stdout.format = args.results
     if args.log_level == "warning":  # the daemon logs at the config's level unless --log-level was given
@@ -331,6 +335,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     daemon = Daemon(config, config_path=args.config, duration=args.duration)
     daemon.install_signal_handlers()
     return daemon.run()
+
+
+def _apply_overrides(config: Any, args: argparse.Namespace) -> None:
+    """Command-line flags win over the config file."""
+    from pydantic import ValidationError
+
+    from agent.config import MqttConfig
+
+    if args.device_id:
+        from agent.protocol import DEVICE_ID
+
+        if not DEVICE_ID.match(args.device_id):
+            raise AgentError(
+                f"--device-id {args.device_id!r} is not valid", "use letters, digits and _ . : - (at most 128)"
+            )
+        config.device_id = args.device_id
+    if args.broker or args.mqtt_protocol:
+        try:
+            base = config.mqtt.model_dump() if config.mqtt else {}
+            if args.broker:
+                base["broker"] = args.broker
+            if args.mqtt_protocol:
+                base["protocol"] = args.mqtt_protocol
+            config.mqtt = MqttConfig.model_validate(base)
+        except ValidationError as exc:
+            msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise AgentError(f"--broker: {msg}", "use mqtt://host:1883 or mqtts://user:pass@host:8883") from None
 
 
 def cmd_check(args: argparse.Namespace) -> int:

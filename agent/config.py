@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.errors import AgentError
+from agent.mqtt.result_policy import PublishPolicy
 from agent.sources import source_config_types
 
 try:
@@ -45,6 +48,7 @@ class PipelineConfig(_Strict):
     sinks: list[str] = Field(default_factory=lambda: ["stdout"])
     stall_timeout: float = Field(default=30.0, gt=0)  # an inference running longer than this is a stall
     window_stride: int | None = Field(default=None, gt=0)  # time series: override the bundle's stride
+    publish: PublishPolicy | None = None  # MQTT result policy for this pipeline; default: [mqtt.results]
 
 
 class StdoutSinkConfig(_Strict):
@@ -62,6 +66,94 @@ class SinksConfig(_Strict):
     jsonl: JsonlSinkConfig | None = None
 
 
+class TlsConfig(_Strict):
+    ca: str | None = None  # CA bundle to verify the broker; default: the system's
+    cert: str | None = None  # client certificate (mutual TLS)
+    key: str | None = None
+    insecure: bool = False  # skip host name verification (testing only)
+
+
+class OutboxConfig(_Strict):
+    path: str | None = None  # default: <state_dir>/outbox.sqlite
+    max_rows: int = Field(default=100_000, gt=0)
+    max_bytes: int = Field(default=64 * 2**20, gt=0)
+    max_age_s: float | None = Field(default=7 * 86400, gt=0)
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"  # FULL survives power loss too, at a cost per write
+
+
+class HomeAssistantConfig(_Strict):
+    enabled: bool = False
+    discovery_prefix: str = "homeassistant"
+    name: str | None = None  # device name shown in Home Assistant; default: device_id
+
+
+class PredictConfig(_Strict):
+    enabled: bool = True
+    max_request_bytes: int = Field(default=1024 * 1024, gt=0)
+    rate: float = Field(default=5.0, gt=0)  # requests per second (token bucket)
+    burst: int = Field(default=10, gt=0)
+    reply_prefixes: list[str] = Field(default_factory=list)  # allowed reply topics besides the device's own prefix
+
+
+class MqttConfig(_Strict):
+    """``[mqtt]``: the broker connection and what goes over it."""
+
+    broker: str = "mqtt://127.0.0.1:1883"  # mqtt://[user:pass@]host[:port] or mqtts://... (TLS)
+    protocol: Literal["5", "3.1.1"] = "5"
+    client_id: str | None = None  # default: device_id
+    username: str | None = None
+    password: str | None = None
+    password_file: str | None = None
+    tls: TlsConfig | None = None
+    keepalive: int = Field(default=30, ge=5, le=65535)
+    topic_prefix: str = "edge/{device_id}/"
+    qos: Literal[1] = 1  # results and events are QoS 1 (AWS IoT Core has no QoS 2)
+    telemetry_interval: float = Field(default=30.0, gt=0)
+    max_payload_bytes: int = Field(default=128 * 1024, gt=0)  # AWS IoT Core's limit
+    inflight: int = Field(default=20, ge=1, le=1000)
+    reconnect_min: float = Field(default=1.0, gt=0)
+    reconnect_max: float = Field(default=60.0, gt=0)
+    session_expiry: int = Field(default=0, ge=0)  # MQTT 5; 0: no broker-side session (the outbox is the buffer)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    results: PublishPolicy = Field(default_factory=PublishPolicy)
+    home_assistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
+
+    @field_validator("broker")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parse_broker_url(value)
+        return value
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """``mqtt://user:pass@host:1883`` / ``mqtts://host:8883`` (or a bare ``host[:port]``)."""
+    if "://" not in url:
+        url = "mqtt://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ValueError(f"broker URL scheme {parts.scheme!r} is not mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise ValueError(f"broker URL {url!r} has no host")
+    tls = parts.scheme in ("mqtts", "ssl")
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise ValueError(f"broker URL {url!r} has an invalid port") from None
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    return BrokerAddress(parts.hostname, port, tls, user, password)
+
+
 class AgentConfig(_Strict):
     device_id: str = Field(
         default_factory=lambda: socket.gethostname() or "edge-device", pattern=r"^[A-Za-z0-9_.:-]{1,128}$"
@@ -77,6 +169,7 @@ class AgentConfig(_Strict):
     sources: dict[str, SourceConfig] = Field(default_factory=dict)
     pipelines: dict[str, PipelineConfig] = Field(default_factory=dict)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
+    mqtt: MqttConfig | None = None  # no [mqtt] table and no --broker: results stay local
 
     @field_validator("sources", "pipelines")
     @classmethod

@@ -53,6 +53,7 @@ class Daemon:
         self.thermal_state = "normal"
         self.profile: Any = None
         self.temperatures: dict[str, float] = {}
+        self.mqtt: Any = None  # MqttService when [mqtt] is configured
 
     # ---- signals ------------------------------------------------------------------------------
 
@@ -108,6 +109,10 @@ class Daemon:
                 )
                 self.thermal_state = state
                 self.notifier.status(self.status_line())
+                if self.mqtt is not None:
+                    self.mqtt.event(
+                        "thermal", "info" if state == "normal" else "warning", state=state, temperature_c=hottest
+                    )
             self._stop.wait(interval)
 
     # ---- building -----------------------------------------------------------------------------
@@ -126,12 +131,31 @@ class Daemon:
     def _open_predictor(self, pipe: PipelineConfig) -> Predictor:
         runtime = None if pipe.runtime == "auto" else pipe.runtime
         threads, providers, delegates = pipe.threads, pipe.providers, pipe.delegates
+        provider_options = None
         prefs = getattr(self.profile, "runtime", None)
         if prefs is not None:
-            threads = threads or getattr(prefs, "threads", None)
-            providers = providers or getattr(prefs, "providers", None) or None
-            delegates = delegates if delegates is not None else (getattr(prefs, "delegates", None) or None)
-        return Predictor.open(pipe.model, runtime=runtime, threads=threads, providers=providers, delegates=delegates)
+            threads = threads or prefs.threads
+            providers = providers or prefs.providers or None
+            delegates = delegates if delegates is not None else (prefs.delegates or None)
+            provider_options = prefs.provider_options or None
+        return Predictor.open(
+            pipe.model,
+            runtime=runtime,
+            threads=threads,
+            providers=providers,
+            delegates=delegates,
+            provider_options=provider_options,
+        )
+
+    def _csi_camera(self, source_config: Any) -> Any:
+        """``device = "csi"``: the board camera through the firmware profile's GStreamer pipeline."""
+        camera = getattr(self.profile, "camera", None)
+        fps = int(source_config.fps) if source_config.fps else None
+        pipeline = camera.pipeline(source_config.width, source_config.height, fps) if camera else None
+        if not pipeline:
+            log.error("device = 'csi' but this board's firmware profile has no CSI camera pipeline")
+            return source_config
+        return source_config.model_copy(update={"device": pipeline, "backend": "gstreamer"})
 
     def _build_pipelines(self, config: AgentConfig, bus: ResultBus) -> tuple[dict[str, Pipeline], dict[str, str]]:
         pipelines: dict[str, Pipeline] = {}
@@ -143,7 +167,10 @@ class Daemon:
                 errors[name] = str(exc)
                 log.error("pipeline not started: model failed to load", pipeline=name, error=str(exc))
                 continue
-            source = create_source(config.sources[pipe.source], pipe.source)
+            source_config = config.sources[pipe.source]
+            if source_config.type == "camera" and source_config.device == "csi":
+                source_config = self._csi_camera(source_config)
+            source = create_source(source_config, pipe.source)
             want = "row" if predictor.kind == "timeseries" else "image"
             if source.kind != want:
                 predictor.close()
@@ -157,6 +184,8 @@ class Daemon:
 
     def _start(self, config: AgentConfig) -> None:
         self.bus = ResultBus(self._build_sinks(config))
+        if self.mqtt is not None:
+            self.bus.listeners.append(self.mqtt.on_result)
         self.bus.start()
         self.pipelines, self.pipeline_errors = self._build_pipelines(config, self.bus)
         for p in self.pipelines.values():
@@ -189,11 +218,21 @@ class Daemon:
         except AgentError as exc:
             log.error("firmware profile unusable", error=str(exc))
             self.profile = None
+        if self.config.mqtt is not None:
+            from agent.mqtt.service import MqttService
+
+            self.mqtt = MqttService(self.config, self)
         self._start(self.config)
+        if self.mqtt is not None:
+            self.mqtt.start()
+            for name, error in self.pipeline_errors.items():
+                self.mqtt.event("pipeline_failed", "error", pipeline=name, error=error)
         if not self.pipelines:
             self.notifier.status("no pipeline could start: " + "; ".join(self.pipeline_errors.values()))
             log.error("no pipeline could start", errors=self.pipeline_errors)
             self._shutdown()
+            if self.mqtt is not None:
+                self.mqtt.stop("no pipeline could start")
             return 1
         last_watchdog = last_status = 0.0
         if self.profile is not None:
@@ -227,6 +266,8 @@ class Daemon:
             self.notifier.stopping()
             self.notifier.status("stopping: flushing queued results")
             self._shutdown()
+            if self.mqtt is not None:
+                self.mqtt.stop("shutdown")
         log.info("agent stopped")
         return 0
 
@@ -249,6 +290,8 @@ class Daemon:
         self._shutdown()
         self.config = new
         self._start(new)
+        if self.mqtt is not None:
+            self.mqtt.link.publish_now(self.mqtt.topics.status, self.mqtt.status_online(), qos=1, retain=True)
         self.notifier.ready(self.status_line())
         log.info("reloaded", pipelines=list(self.pipelines), failed=self.pipeline_errors or None)
 
@@ -270,6 +313,10 @@ class Daemon:
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "pipelines": {n: p.snapshot() for n, p in self.pipelines.items()},
             "pipeline_errors": self.pipeline_errors,
-            "thermal": {"state": self.thermal_state, "rate_factor": self.rate_factor, "temperatures": self.temperatures},
+            "thermal": {
+                "state": self.thermal_state,
+                "rate_factor": self.rate_factor,
+                "temperatures": self.temperatures,
+            },
             "profile": getattr(self.profile, "id", None),
         }

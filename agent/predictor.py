@@ -6,6 +6,7 @@ and refuses a mismatch; after that each call is one vectorized pass.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ class Predictor:
 
     def __init__(self, bundle: Bundle, model: Model) -> None:
         self.bundle, self.model = bundle, model
+        self._lock = threading.Lock()  # runtimes' interpreters are not safe to call from two threads
         meta = bundle.metadata
         spec = meta.input
         if bundle.inferred:
@@ -93,12 +95,18 @@ class Predictor:
         threads: int | None = None,
         providers: list[str] | None = None,
         delegates: list[str] | None = None,
+        provider_options: dict[str, dict[str, Any]] | None = None,
     ) -> Predictor:
         """Load a bundle (directory, archive or bare model) and its model."""
         bundle = load_bundle(path)
         try:
             model = load_model(
-                bundle.model_path, runtime=runtime, threads=threads, providers=providers, delegates=delegates
+                bundle.model_path,
+                runtime=runtime,
+                threads=threads,
+                providers=providers,
+                delegates=delegates,
+                provider_options=provider_options,
             )
         except BaseException:
             bundle.close()
@@ -245,9 +253,10 @@ class Predictor:
         )
 
     def run(self, prepared: Prepared) -> Prediction:
-        """Inference and post-processing of a prepared input."""
-        outputs = self.model.predict(prepared.tensors)
-        result = self._post(prepared.tensors[0], outputs, prepared.transform)
+        """Inference and post-processing of a prepared input (thread-safe: one inference at a time)."""
+        with self._lock:
+            outputs = self.model.predict(prepared.tensors)
+            result = self._post(prepared.tensors[0], outputs, prepared.transform)
         return self._prediction(result, prepared.started)
 
     def predict_image(self, frame: np.ndarray) -> Prediction:
@@ -268,9 +277,11 @@ class Predictor:
     def predict_tensors(self, arrays: list[np.ndarray] | dict[str, np.ndarray]) -> Prediction:
         """Predict on arrays given as is (one per model input)."""
         start = time.perf_counter()
-        outputs = self.model.predict(arrays)
-        first = next(iter(arrays.values())) if isinstance(arrays, dict) else arrays[0]
-        return self._prediction(self._post(first, outputs, None), start)
+        with self._lock:
+            outputs = self.model.predict(arrays)
+            first = next(iter(arrays.values())) if isinstance(arrays, dict) else arrays[0]
+            result = self._post(first, outputs, None)
+        return self._prediction(result, start)
 
     def _prediction(self, result: dict[str, Any], start: float) -> Prediction:
         latency = (time.perf_counter() - start) * 1000.0

@@ -181,7 +181,11 @@ def test_serial_sensor_unplugged_and_replugged(tmp_path: Path, notify: NotifySoc
     """The anomaly pipeline on a real pty behind a by-id style symlink; the device vanishes and returns."""
     from tests.test_source_serial import Feeder, Pty
 
-    rows = [ln for ln in (Path(__file__).parent.parent / "agent/samples/inputs/sensor_normal.csv").read_text().splitlines()[1:] if ln]
+    rows = [
+        ln
+        for ln in (Path(__file__).parent.parent / "agent/samples/inputs/sensor_normal.csv").read_text().splitlines()[1:]
+        if ln
+    ]
     link = tmp_path / "usb-sensor"
 
     def line(i: int) -> bytes:
@@ -260,7 +264,9 @@ def test_hot_board_lowers_the_rate_and_says_so(tmp_path: Path, notify: NotifySoc
         t0 = time.monotonic()
         temp_file.write_text("75000\n")  # above throttle_c = 72 in rpi4.toml
         status = notify.wait_for("STATUS", since=t0, timeout=10)
-        assert wait_until(lambda: any("thermal throttle" in m["STATUS"] for _, m in notify.having("STATUS", since=t0)), 10)
+        assert wait_until(
+            lambda: any("thermal throttle" in m["STATUS"] for _, m in notify.having("STATUS", since=t0)), 10
+        )
         time.sleep(0.5)
         hot = rate_over(2.0)
         temp_file.write_text("60000\n")  # below resume_c = 67

@@ -31,19 +31,23 @@ import shutil
 import sys
 import tempfile
 import time
-import tomllib
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (--verify on a device)
+    import tomli as tomllib
+
 os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
+import cv2
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "agent" / "samples"
@@ -74,6 +78,7 @@ ANOMALY_KINDS = ("spikes", "frequency_shift", "amplitude_surge", "stuck_axis")
 
 # Detector: 64x64 RGB input, 8x8 grid, one anchor per cell, YOLOv5-style decode.
 DET_SIZE, DET_STRIDE, DET_GRID, DET_ANCHOR = 64, 8, 8, 16.0
+DET_TRAIN_SCENES, DET_EPOCHS = 12000, 3  # fresh scenes rather than many epochs over few
 DET_NEIGHBOUR_OBJ = 0.7  # objectness target of the neighbouring cells that also predict an object
 LETTERBOX_FILL = 114
 
@@ -251,7 +256,9 @@ def runtime_variants(fmt: str) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
-def variant_spread(model: Path, fmt: str, xs: Sequence[np.ndarray], expected: list[list[np.ndarray]]) -> dict[str, float]:
+def variant_spread(
+    model: Path, fmt: str, xs: Sequence[np.ndarray], expected: list[list[np.ndarray]]
+) -> dict[str, float]:
     """Largest |difference| to ``expected`` per runtime variant over the golden inputs."""
     spread = {}
     for label, kwargs in runtime_variants(fmt):
@@ -288,6 +295,48 @@ def seed_everything(name: str) -> None:
     import keras
 
     keras.utils.set_random_seed(int(rng_for(name).integers(0, 2**31 - 1)))
+
+
+WEIGHTS_CACHE: Path | None = None  # --weights-cache: reuse trained weights (development aid)
+
+
+def train(
+    name: str, build: Callable[[int | None], Any], data: Any, epochs: int, steps_per_epoch: int, loss: Any, lr: float
+) -> Any:
+    """Seed, build, compile (Adam + cosine decay) and fit; returns (model, the same network rebuilt for batch 1)."""
+    import keras
+
+    seed_everything(name)
+    model = build(None)
+    model.compile(
+        optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(lr, epochs * steps_per_epoch)),
+        loss=loss,
+    )
+    cached = WEIGHTS_CACHE / f"{name}.weights.h5" if WEIGHTS_CACHE else None
+    if cached is not None and cached.is_file():
+        log(f"  loading cached weights {cached}")
+        model.load_weights(cached)
+    else:
+        t0 = time.time()
+        model.fit(data, epochs=epochs, verbose=0)
+        log(f"  trained {name} in {time.time() - t0:.0f}s")
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            model.save_weights(cached)
+    infer = build(1)
+    infer.set_weights(model.get_weights())
+    return model, infer
+
+
+def dataset(x: np.ndarray, y: np.ndarray, batch: int, name: str, scale: float = 1.0) -> Any:
+    """Seeded, reshuffled-each-epoch tf.data pipeline; ``scale`` converts uint8 images to floats batch by batch."""
+    tf = tf_module()
+    seed = int(rng_for(f"{name}-shuffle").integers(0, 2**31 - 1))
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch)
+    if scale != 1.0:
+        ds = ds.map(lambda a, b: (tf.cast(a, tf.float32) * scale, b))
+    return ds.prefetch(2)
 
 
 def tflite_int8(
@@ -366,7 +415,10 @@ class OnnxGraph:
             self.inits,
         )
         model = helper.make_model(
-            graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)], producer_name="build_sample_models", doc_string=doc
+            graph,
+            opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
+            producer_name="build_sample_models",
+            doc_string=doc,
         )
         model.ir_version = ONNX_IR_VERSION
         onnx.checker.check_model(model)
@@ -648,29 +700,21 @@ def train_classifier() -> Any:
     global _CLASSIFIER
     if _CLASSIFIER is not None:
         return _CLASSIFIER
-    import keras
-
     d = digits()
     rng = rng_for("classifier-augment")
     base = d.img32[d.train]
     x = np.concatenate([base, augment_digits(base, rng), augment_digits(base, rng)])
     y = np.tile(d.labels[d.train], 3)
-    x = (x.astype(np.float32) / 255.0)[..., None]
-    seed_everything("classifier")
-    model = classifier_model(None)
-    epochs = 6
-    steps = epochs * int(np.ceil(len(x) / 64))
-    model.compile(
-        optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(2e-3, steps)),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
+    log(f"training digits CNN on {len(x)} images")
+    _, infer = train(
+        "classifier",
+        classifier_model,
+        dataset(x[..., None], y, 64, "classifier", 1 / 255.0),
+        6,
+        int(np.ceil(len(x) / 64)),
+        "sparse_categorical_crossentropy",
+        2e-3,
     )
-    log(f"training digits CNN on {len(x)} images ({epochs} epochs)")
-    t0 = time.time()
-    model.fit(x, y, batch_size=64, epochs=epochs, shuffle=True, verbose=0)
-    log(f"  trained in {time.time() - t0:.0f}s")
-    infer = classifier_model(1)
-    infer.set_weights(model.get_weights())
     _CLASSIFIER = infer
     return infer
 
@@ -858,8 +902,6 @@ def recon_scores(x: np.ndarray, recon: np.ndarray) -> np.ndarray:
 
 
 def build_sensor_anomaly() -> Report:
-    import keras
-
     report = Report("sensor-anomaly")
     train = normal_windows(rng_for("sensor-train"), 160)
     mean, std = train.reshape(-1, 3).mean(axis=0), train.reshape(-1, 3).std(axis=0)
@@ -874,17 +916,10 @@ def build_sensor_anomaly() -> Report:
     arng = rng_for("sensor-anomalies")
     anomalies = {k: standardize(np.stack([anomalous_window(arng, k) for _ in range(1000)])) for k in ANOMALY_KINDS}
 
-    seed_everything("sensor")
-    model = anomaly_model(None)
-    epochs = 30
-    steps = epochs * int(np.ceil(len(xtr) / 128))
-    model.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(2e-3, steps)), loss="mse")
-    log(f"training sensor autoencoder on {len(xtr)} windows ({epochs} epochs)")
-    t0 = time.time()
-    model.fit(xtr, xtr, batch_size=128, epochs=epochs, shuffle=True, verbose=0)
-    log(f"  trained in {time.time() - t0:.0f}s")
-    infer = anomaly_model(1)
-    infer.set_weights(model.get_weights())
+    log(f"training sensor autoencoder on {len(xtr)} windows")
+    model, infer = train(
+        "sensor", anomaly_model, dataset(xtr, xtr, 128, "sensor"), 30, int(np.ceil(len(xtr) / 128)), "mse", 2e-3
+    )
 
     rep = xtr[rng_for("sensor-rep").permutation(len(xtr))[:500]]
     data = tflite_int8(infer, rep, names=(["window"], ["reconstruction"]))
@@ -992,7 +1027,11 @@ class Scene:
 
 
 def paste_digits(
-    canvas: np.ndarray, region: tuple[int, int, int, int], count: int, sizes: tuple[int, int], pool: np.ndarray,
+    canvas: np.ndarray,
+    region: tuple[int, int, int, int],
+    count: int,
+    sizes: tuple[int, int],
+    pool: np.ndarray,
     rng: np.random.Generator,
 ) -> tuple[list[list[float]], list[int]]:
     """Paste ``count`` digits from ``pool`` (indices into digits()) at non-overlapping places inside ``region``."""
@@ -1006,7 +1045,9 @@ def paste_digits(
             if s > min(rw, rh):
                 continue
             x0, y0 = int(rng.integers(rx, rx + rw - s + 1)), int(rng.integers(ry, ry + rh - s + 1))
-            if all(x0 + s + 1 <= px or px + ps + 1 <= x0 or y0 + s + 1 <= py or py + ps + 1 <= y0 for px, py, ps in placed):
+            if all(
+                x0 + s + 1 <= px or px + ps + 1 <= x0 or y0 + s + 1 <= py or py + ps + 1 <= y0 for px, py, ps in placed
+            ):
                 break
         else:
             continue
@@ -1110,10 +1151,14 @@ def detector_loss(y_true: Any, y_pred: Any) -> Any:
     return 20.0 * l_obj + l_box + l_cls
 
 
-def detector_to_onnx(model: Any) -> Any:
-    """Float ONNX: NCHW image -> (1, 64, 15) decoded rows cx, cy, w, h (px), objectness, 10 class probabilities."""
+def detector_to_onnx(model: Any) -> tuple[Any, list[str]]:
+    """Float ONNX: NCHW image -> (1, 64, 15) decoded rows cx, cy, w, h (px), objectness, 10 class probabilities.
+
+    Also returns the names of the decode nodes (after the last convolution).
+    """
     g = OnnxGraph()
     raw = keras_to_onnx_body(g, model, "image", (DET_SIZE, DET_SIZE, 3), final_activation=True)
+    first_head = len(g.nodes)
     cells = DET_GRID * DET_GRID
     r = g.op("Reshape", [raw, g.const("shape", np.array([1, 15, cells], dtype=np.int64))])
     t = g.op("Transpose", [r], perm=[0, 2, 1])
@@ -1121,19 +1166,29 @@ def detector_to_onnx(model: Any) -> Any:
     def part(lo: int, hi: int) -> str:
         return g.op(
             "Slice",
-            [t, g.const("starts", np.array([lo], np.int64)), g.const("ends", np.array([hi], np.int64)),
-             g.const("axes", np.array([2], np.int64))],
+            [
+                t,
+                g.const("starts", np.array([lo], np.int64)),
+                g.const("ends", np.array([hi], np.int64)),
+                g.const("axes", np.array([2], np.int64)),
+            ],
         )
 
     offset = ((grid_xy().reshape(1, cells, 2) - 0.5) * DET_STRIDE).astype(np.float32)
-    xy = g.op("Add", [g.op("Mul", [g.op("Sigmoid", [part(0, 2)]), g.const("xy_gain", np.float32(2 * DET_STRIDE))]),
-                      g.const("grid_offset", offset)])
+    xy = g.op(
+        "Add",
+        [
+            g.op("Mul", [g.op("Sigmoid", [part(0, 2)]), g.const("xy_gain", np.float32(2 * DET_STRIDE))]),
+            g.const("grid_offset", offset),
+        ],
+    )
     s_wh = g.op("Sigmoid", [part(2, 4)])
     wh = g.op("Mul", [g.op("Mul", [s_wh, s_wh]), g.const("wh_gain", np.float32(4 * DET_ANCHOR))])
     obj = g.op("Sigmoid", [part(4, 5)])
     cls = g.op("Softmax", [part(5, 15)], axis=-1)
     g.op("Concat", [xy, wh, obj, cls], output="detections", axis=-1)
-    return g.model(("image", [1, 3, DET_SIZE, DET_SIZE]), ("detections", [1, cells, 15]), "digits detector, YOLO rows")
+    model = g.model(("image", [1, 3, DET_SIZE, DET_SIZE]), ("detections", [1, cells, 15]), "digits detector, YOLO rows")
+    return model, [n.name for n in g.nodes[first_head:]]
 
 
 def decode_numpy(raw: np.ndarray) -> np.ndarray:
@@ -1177,7 +1232,7 @@ def detection_metrics(outputs: np.ndarray, scenes: list[Scene], score_thr: float
     for c in range(10):
         records = []
         n_gt = sum(int((s.labels == c).sum()) for s in scenes)
-        for img, (det, s) in enumerate(zip(dets, scenes, strict=True)):
+        for img, det in enumerate(dets):
             for row in det[det[:, 5] == c]:
                 records.append((row[4], img, row[:4]))
         records.sort(key=lambda r: -r[0])
@@ -1268,28 +1323,20 @@ def write_scene_pngs() -> tuple[list[Path], list[np.ndarray]]:
 
 
 def build_detector() -> Report:
-    import keras
-
     report = Report("digits-detector")
     d = digits()
-    train_scenes = scene_batch("detector-train", 5000, d.train)
+    train_scenes = scene_batch("detector-train", DET_TRAIN_SCENES, d.train)
     test_scenes = scene_batch("detector-test", 500, d.test)
-    x = np.stack([s.image for s in train_scenes]).astype(np.float32) / 255.0
+    x = np.stack([s.image for s in train_scenes])
     y = np.stack([detector_targets(s) for s in train_scenes])
-    seed_everything("detector")
-    model = detector_model(None)
-    epochs = 16
-    steps = epochs * int(np.ceil(len(x) / 32))
-    model.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(2e-3, steps)), loss=detector_loss)
-    log(f"training digits detector on {len(x)} scenes ({epochs} epochs)")
-    t0 = time.time()
-    model.fit(x, y, batch_size=32, epochs=epochs, shuffle=True, verbose=0)
-    log(f"  trained in {time.time() - t0:.0f}s")
-    infer = detector_model(1)
-    infer.set_weights(model.get_weights())
+    log(f"training digits detector on {len(x)} scenes")
+    steps = int(np.ceil(len(x) / 64))
+    model, infer = train(
+        "detector", detector_model, dataset(x, y, 64, "detector", 1 / 255.0), DET_EPOCHS, steps, detector_loss, 2e-3
+    )
 
     x_test = np.stack([det_input(s.image)[0] for s in test_scenes])
-    float_model = detector_to_onnx(infer)
+    float_model, head = detector_to_onnx(infer)
     float_bytes = float_model.SerializeToString()
     float_out = run_batch(OnnxRunner(float_bytes), x_test)[0]
     keras_out = decode_numpy(model.predict(x_test.transpose(0, 2, 3, 1), batch_size=50, verbose=0))
@@ -1297,10 +1344,8 @@ def build_detector() -> Report:
     assert diff < 1e-3, f"float ONNX detector disagrees with Keras by {diff}"
     report.notes.append(f"float ONNX vs Keras+numpy decode: max |diff| {diff:.2g}")
 
-    head = [n.name for n in float_model.graph.node][-12:]  # Reshape .. Concat: decode stays float
-    assert float_model.graph.node[-12].op_type == "Reshape", float_model.graph.node[-12].op_type
     calib = np.stack([det_input(s.image)[0] for s in train_scenes[:300]])
-    data = quantize_onnx_qdq(float_model, calib, exclude=head)
+    data = quantize_onnx_qdq(float_model, calib, exclude=head)  # the decode stays float
     runner = OnnxRunner(data)
     int8_out = run_batch(runner, x_test)[0]
     m_float = detection_metrics(float_out, test_scenes)
@@ -1387,7 +1432,9 @@ def build_fixtures() -> Report:
             conv.inference_output_type = quant_io
         return conv.convert()
 
-    @tf.function(input_signature=[tf.TensorSpec((1, 4), tf.float32, name="a"), tf.TensorSpec((1, 2, 3), tf.float32, name="b")])
+    @tf.function(
+        input_signature=[tf.TensorSpec((1, 4), tf.float32, name="a"), tf.TensorSpec((1, 2, 3), tf.float32, name="b")]
+    )
     def multi_io(a: Any, b: Any) -> Any:
         total = a * 2.0 + tf.reduce_sum(b, axis=[1, 2])[:, None]
         return {"sum": total, "concat": tf.concat([a, tf.reshape(b, (1, 6))], axis=1)}
@@ -1428,7 +1475,7 @@ def build_fixtures() -> Report:
     files["custom_op.tflite"] = convert(custom, custom=True)
     try:
         files["uint8_io.tflite"] = rename_tflite_io(convert(small_dense, quant_io=tf.uint8, rep=rep), ["x"], ["y"])
-    except Exception as exc:  # noqa: BLE001 - report and skip: newer converters may refuse uint8 I/O
+    except Exception as exc:  # report and skip: newer converters may refuse uint8 I/O
         report.notes.append(f"uint8_io.tflite skipped: converter says {exc}")
     for name, blob in files.items():
         path = FIXTURES / name
@@ -1530,8 +1577,10 @@ def print_summary(reports: list[Report], elapsed: float) -> None:
             q = rep.accuracy.get(f"{key}_int8")
             print(f"{rep.name:26s} {key:34s} {_fmt(f):>10s} {_fmt(q):>10s}")
         if "float" in rep.accuracy or "int8" in rep.accuracy:
-            print(f"{rep.name:26s} {'accuracy':34s} {_fmt(rep.accuracy.get('float')):>10s} "
-                  f"{_fmt(rep.accuracy.get('int8')):>10s}")
+            print(
+                f"{rep.name:26s} {'accuracy':34s} {_fmt(rep.accuracy.get('float')):>10s} "
+                f"{_fmt(rep.accuracy.get('int8')):>10s}"
+            )
     print("-" * 100)
     for rep in reports:
         for model, ms in rep.latency_ms.items():
@@ -1555,7 +1604,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=sorted(BUILDERS), action="append", help="rebuild only this (repeatable)")
     parser.add_argument("--verify", action="store_true", help="check the built files with the runtimes and exit")
+    parser.add_argument(
+        "--weights-cache", type=Path, help="development aid: save trained weights here and reuse them on later runs"
+    )
     args = parser.parse_args(argv)
+    global WEIGHTS_CACHE
+    WEIGHTS_CACHE = args.weights_cache
     if args.verify:
         return verify()
     t0 = time.time()

@@ -84,6 +84,7 @@ def load_model(
     providers: list[str] | None = None,
     delegates: list[str] | None = None,
     warm_up: bool = True,
+    provider_options: dict[str, dict[str, Any]] | None = None,
 ) -> Model:
     """Load ``path`` with ``runtime`` or the first usable backend for its format."""
     path = Path(path)
@@ -104,7 +105,9 @@ def load_model(
         except RuntimeUnavailable as exc:
             reasons.append(str(exc))
             continue
-        model = mod.load(path, threads=threads, providers=providers, delegates=delegates)
+        model = mod.load(
+            path, threads=threads, providers=providers, delegates=delegates, provider_options=provider_options
+        )
         if warm_up:
             model.warm_up()
         return model

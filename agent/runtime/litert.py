@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from agent.errors import ModelLoadError, RuntimeUnavailable
-from agent.runtime.tflite_common import TFLiteModel
+from agent.errors import RuntimeUnavailable
+from agent.runtime.tflite_common import TFLiteModel, load_with
 
 NAME = "litert"
 FORMATS = ("tflite",)
@@ -39,14 +39,6 @@ def probe() -> str:
 
 def load(path: Path, threads: int | None = None, delegates: list[str] | None = None, **_: object) -> TFLiteModel:
     version = probe()
-    from ai_edge_litert.interpreter import Interpreter, load_delegate
+    from ai_edge_litert import interpreter
 
-    loaded = []
-    for lib in delegates or []:
-        try:
-            loaded.append(load_delegate(lib))
-        except (ValueError, OSError) as exc:
-            raise ModelLoadError(
-                f"delegate {lib!r} failed to load: {exc}", "install it or remove it from delegates"
-            ) from None
-    return TFLiteModel(path, Interpreter, NAME, version, threads=threads, delegates=loaded)
+    return load_with(interpreter, NAME, version, path, threads, delegates)

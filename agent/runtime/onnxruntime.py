@@ -86,7 +86,13 @@ def load(path: Path, threads: int | None = None, providers: list[str] | None = N
 
 
 class OnnxRuntimeModel(Model):
-    def __init__(self, path: Path, threads: int | None = None, providers: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        threads: int | None = None,
+        providers: list[str] | None = None,
+        provider_options: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         version = probe()
         import onnxruntime as ort
 
@@ -100,8 +106,10 @@ class OnnxRuntimeModel(Model):
         missing = [p for p in (providers or []) if p not in chosen]
         if missing:
             log.info("execution providers not available here, skipped", missing=missing, using=chosen)
+        options_for = provider_options or {}
+        with_options = [(p, {k: str(v) for k, v in options_for[p].items()}) if p in options_for else p for p in chosen]
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+            self._session = ort.InferenceSession(str(path), sess_options=options, providers=with_options)
         except Exception as exc:  # onnxruntime raises its own exception types for every model problem
             raise ModelLoadError(_explain(path, exc), _fix_for(exc)) from None
         quant = _io_quantization(path)

@@ -150,6 +150,21 @@ class TFLiteModel(Model):
         self._interp = None  # type: ignore[assignment]
 
 
+def load_with(
+    module: Any, runtime: str, version: str, path: Path, threads: int | None, delegates: list[str] | None
+) -> TFLiteModel:
+    """Load ``path`` with an interpreter module (LiteRT's or tflite-runtime's: same API)."""
+    loaded = []
+    for lib in delegates or []:
+        try:
+            loaded.append(module.load_delegate(lib))
+        except (ValueError, OSError) as exc:
+            raise ModelLoadError(
+                f"delegate {lib!r} failed to load: {exc}", "install it or remove it from delegates"
+            ) from None
+    return TFLiteModel(path, module.Interpreter, runtime, version, threads=threads, delegates=loaded)
+
+
 def _explain(path: Path, exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     lowered = text.lower()

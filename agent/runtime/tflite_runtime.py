@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from agent.errors import ModelLoadError, RuntimeUnavailable
-from agent.runtime.tflite_common import TFLiteModel
+from agent.errors import RuntimeUnavailable
+from agent.runtime.tflite_common import TFLiteModel, load_with
 
 NAME = "tflite-runtime"
 FORMATS = ("tflite",)
@@ -57,14 +57,6 @@ def probe() -> str:
 
 def load(path: Path, threads: int | None = None, delegates: list[str] | None = None, **_: object) -> TFLiteModel:
     version = probe()
-    from tflite_runtime.interpreter import Interpreter, load_delegate
+    from tflite_runtime import interpreter
 
-    loaded = []
-    for lib in delegates or []:
-        try:
-            loaded.append(load_delegate(lib))
-        except (ValueError, OSError) as exc:
-            raise ModelLoadError(
-                f"delegate {lib!r} failed to load: {exc}", "install it or remove it from delegates"
-            ) from None
-    return TFLiteModel(path, Interpreter, NAME, version, threads=threads, delegates=loaded)
+    return load_with(interpreter, NAME, version, path, threads, delegates)

@@ -157,11 +157,14 @@ class CameraSource(Source):
 
     def _start_grabber(self) -> None:
         with self._cond:
-            self._generation += 1
-            generation = self._generation
+            self._spawn_grabber()
+
+    def _spawn_grabber(self) -> None:
+        """With the lock held: a new grabber generation; an older, stuck grabber exits when it wakes."""
+        self._generation += 1
         self._last_frame_at = time.monotonic()
         self._grabber = threading.Thread(
-            target=self._grab_loop, args=(generation,), name=f"camera-{self.name}", daemon=True
+            target=self._grab_loop, args=(self._generation,), name=f"camera-{self.name}", daemon=True
         )
         self._grabber.start()
 
@@ -174,13 +177,7 @@ class CameraSource(Source):
         self.health.stalls += 1
         self.health.connected = False
         self.health.last_error = f"no frame for {self.config.stall_after:.0f} s: reopening"
-        self._generation += 1
-        generation = self._generation
-        self._last_frame_at = time.monotonic()
-        self._grabber = threading.Thread(
-            target=self._grab_loop, args=(generation,), name=f"camera-{self.name}", daemon=True
-        )
-        self._grabber.start()
+        self._spawn_grabber()
 
     def _current(self, generation: int) -> bool:
         return generation == self._generation and not self.closed

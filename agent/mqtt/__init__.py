@@ -1,0 +1,1 @@
+"""MQTT: client, SQLite store-and-forward outbox, Home Assistant discovery, request/response."""

@@ -1,0 +1,217 @@
+"""MQTT integration of the daemon: status, telemetry, results, events, Home Assistant discovery, predictions on request."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import structlog
+
+from agent import __version__
+from agent.config import AgentConfig, MqttConfig
+from agent.mqtt import discovery
+from agent.mqtt.client import MqttLink
+from agent.mqtt.outbox import Outbox
+from agent.mqtt.outbox_policy import OutboxLimits
+from agent.mqtt.predict import PredictHandler
+from agent.mqtt.result_policy import ResultGate
+from agent.protocol import EventPayload, ModelRef, StatusPayload, Topics, encode
+
+if TYPE_CHECKING:
+    from agent.daemon import Daemon
+
+log = structlog.get_logger(__name__)
+
+
+class MqttService:
+    """Connects a running ``Daemon`` to its broker."""
+
+    def __init__(self, config: AgentConfig, daemon: Daemon) -> None:
+        assert config.mqtt is not None
+        self.config, self.mqtt, self.daemon = config, config.mqtt, daemon
+        self.device_id = config.device_id
+        self.topics = Topics.for_device(config.device_id, self.mqtt.topic_prefix)
+        self.run_id = uuid.uuid4().hex[:12]  # with seq: (device_id, run_id, pipeline, seq) is unique across restarts
+        self.outbox = self._open_outbox(self.mqtt, config)
+        self.link = MqttLink(
+            self.mqtt, config.device_id, self.topics, self.outbox, self.status_online, self.status_offline
+        )
+        self._gates: dict[str, ResultGate] = {}
+        self._pub_seq: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._telemetry: threading.Thread | None = None
+        self.started_at = time.time()
+        self.predict = PredictHandler(self)
+        self.oversize_results = 0
+        self.link.subscribe(self.topics.predict, self.predict.on_message)
+        if self.mqtt.home_assistant.enabled:
+            self.link.subscribe(f"{self.mqtt.home_assistant.discovery_prefix}/status", self._on_ha_status)
+            self.link.on_connected(self.announce)
+        psutil.cpu_percent(interval=None)  # prime: the first call always returns 0
+
+    @staticmethod
+    def _open_outbox(mqtt: MqttConfig, config: AgentConfig) -> Outbox:
+        path = Path(mqtt.outbox.path) if mqtt.outbox.path else Path(config.state_dir) / "outbox.sqlite"
+        limits = OutboxLimits(
+            max_rows=mqtt.outbox.max_rows,
+            max_bytes=mqtt.outbox.max_bytes,
+            max_age_s=mqtt.outbox.max_age_s,
+            max_payload_bytes=mqtt.max_payload_bytes,
+        )
+        return Outbox(path, limits, synchronous=mqtt.outbox.synchronous)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.link.start()
+        self._telemetry = threading.Thread(target=self._telemetry_loop, name="telemetry", daemon=True)
+        self._telemetry.start()
+
+    def stop(self, reason: str = "shutdown") -> None:
+        self._stop.set()
+        self.predict.close()
+        self.link.stop(reason)
+        self.outbox.close()
+
+    # ---- payloads -----------------------------------------------------------------------------
+
+    def models(self) -> dict[str, ModelRef]:
+        refs = {}
+        for name, p in list(self.daemon.pipelines.items()):
+            b = p.predictor.bundle
+            refs[name] = ModelRef(name=b.name, version=b.version, sha256=b.sha256)
+        return refs
+
+    def status_online(self) -> bytes:
+        return encode(
+            StatusPayload(
+                state="online",
+                device_id=self.device_id,
+                ts=round(time.time(), 3),
+                agent_version=__version__,
+                models=self.models(),
+                profile=getattr(self.daemon.profile, "id", None),
+                run_id=self.run_id,
+            )
+        )
+
+    def status_offline(self, reason: str) -> bytes:
+        return encode(StatusPayload(state="offline", device_id=self.device_id, ts=round(time.time(), 3), reason=reason))
+
+    # ---- results and events -------------------------------------------------------------------
+
+    def on_result(self, record: dict[str, Any]) -> None:
+        """Result bus listener: apply the pipeline's publish policy, then store-and-forward."""
+        name = record.get("pipeline", "")
+        gate = self._gates.get(name)
+        if gate is None:
+            pipe_cfg = self.config.pipelines.get(name)
+            policy = pipe_cfg.publish if pipe_cfg and pipe_cfg.publish else self.mqtt.results
+            gate = self._gates[name] = ResultGate(policy)
+        if not gate.decide(record, time.monotonic()):
+            return
+        self._pub_seq[name] = self._pub_seq.get(name, 0) + 1
+        payload = {"v": 1, "device_id": self.device_id, "run_id": self.run_id, "pub_seq": self._pub_seq[name]} | record
+        if not gate.policy.include_top:
+            payload.pop("top", None)
+        data = encode(payload)
+        if len(data) > self.mqtt.max_payload_bytes:
+            data = self._shrink(payload)
+            if data is None:
+                self.oversize_results += 1
+                log.warning("result over the payload cap, dropped", pipeline=name, cap=self.mqtt.max_payload_bytes)
+                return
+        self.link.publish_durable(self.topics.results(name), data)
+
+    def _shrink(self, payload: dict[str, Any]) -> bytes | None:
+        """Keep a result under the cap by trimming its longest lists (detections, raw values)."""
+        slim = dict(payload)
+        for key in ("detections", "top", "outputs"):
+            if key in slim:
+                slim[key] = slim[key][:10] if isinstance(slim[key], list) else {}
+                slim["truncated"] = True
+        data = encode(slim)
+        return data if len(data) <= self.mqtt.max_payload_bytes else None
+
+    def event(self, kind: str, level: str = "info", **detail: Any) -> None:
+        payload = EventPayload(
+            device_id=self.device_id, ts=round(time.time(), 3), kind=kind, level=level, detail=detail
+        )
+        self.link.publish_durable(self.topics.events, encode(payload), priority="critical")
+
+    # ---- telemetry ----------------------------------------------------------------------------
+
+    def telemetry(self) -> dict[str, Any]:
+        snap = self.daemon.snapshot()
+        proc = psutil.Process()
+        state_dir = Path(self.config.state_dir)
+        try:
+            disk_free = psutil.disk_usage(str(state_dir if state_dir.exists() else state_dir.parent)).free / 2**20
+        except OSError:
+            disk_free = None
+        temps = snap["thermal"]["temperatures"]
+        pipelines = {}
+        for name, p in snap["pipelines"].items():
+            pipelines[name] = {
+                "inferences": p["processed"],
+                "fps_in": p["fps_in"],
+                "fps_processed": p["fps_processed"],
+                "dropped": p["dropped"],
+                "skipped": p["skipped"],
+                "errors": p["errors"],
+                "latency_ms": {k: p["latency_ms"][k] for k in ("p50", "p95", "p99")},
+                "inference_ms": {k: p["inference_ms"][k] for k in ("p50", "p95", "p99")},
+                "model": {"name": p["model"], "version": p["version"], "sha256": p["sha256"]},
+                "runtime": p["runtime"],
+                "source": {
+                    k: p["source_health"][k]
+                    for k in ("connected", "samples", "reconnects", "stalls", "errors", "last_error")
+                },
+                "stalled": p["stalled"],
+            }
+        outbox = self.outbox.stats()
+        return {
+            "v": 1,
+            "device_id": self.device_id,
+            "run_id": self.run_id,
+            "ts": round(time.time(), 3),
+            "uptime_s": snap["uptime_s"],
+            "pipelines": pipelines,
+            "pipeline_errors": snap["pipeline_errors"],
+            "system": {
+                "cpu_percent": psutil.cpu_percent(interval=None),
+                "rss_mb": round(proc.memory_info().rss / 2**20, 1),
+                "load_1m": round(os.getloadavg()[0], 2),
+                "temperature_c": max(temps.values()) if temps else None,
+                "temperatures": temps,
+                "thermal_state": snap["thermal"]["state"],
+                "throttled": snap["thermal"]["state"] != "normal",
+                "disk_free_mb": round(disk_free, 1) if disk_free is not None else None,
+            },
+            "outbox": outbox,
+            "mqtt": self.link.stats() | {"oversize_results": self.oversize_results},
+            "predict": self.predict.stats(),
+        }
+
+    def _telemetry_loop(self) -> None:
+        while not self._stop.wait(self.mqtt.telemetry_interval):
+            try:
+                self.link.publish_durable(self.topics.telemetry, encode(self.telemetry()))
+            except Exception:  # telemetry must never take the agent down
+                log.exception("telemetry failed")
+
+    # ---- Home Assistant -----------------------------------------------------------------------
+
+    def announce(self) -> None:
+        for topic, payload in discovery.configs(self):
+            self.link.publish_now(topic, payload, qos=1, retain=True)
+        log.info("home assistant discovery announced")
+
+    def _on_ha_status(self, message: Any) -> None:
+        if message.payload.strip() == b"online":
+            self.announce()
