@@ -26,17 +26,8 @@ tflite-venv: $(TFLITE_VENV)/.stamp
 mosquitto:
 	@tools/ensure-mosquitto.sh
 
-demo: venv
-	@echo "== edge-agent infer: int8 digit classifier (LiteRT) on sample digits"
-	$(BIN)/edge-agent infer agent/samples/digits-classifier-tflite agent/samples/inputs/digit_*.png
-	@echo "== the same model exported to ONNX (int8 QDQ, onnxruntime)"
-	$(BIN)/edge-agent infer agent/samples/digits-classifier-onnx agent/samples/inputs/digit_3.png agent/samples/inputs/digit_7.png
-	@echo "== int8 detector (YOLO-style grid + NMS) on sample scenes"
-	$(BIN)/edge-agent infer agent/samples/digits-detector agent/samples/inputs/scene_*.png
-	@echo "== int8 anomaly model over sensor windows"
-	$(BIN)/edge-agent infer agent/samples/sensor-anomaly agent/samples/inputs/sensor_anomalous.csv | tail -n 12
-	@echo "== latency of the int8 classifier"
-	$(BIN)/edge-agent bench agent/samples/digits-classifier-tflite --seconds 2 --threads 1
+demo: venv mosquitto
+	@BIN=$(BIN) tools/demo.sh
 
 test: venv mosquitto tflite-venv
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)

@@ -29,6 +29,9 @@ def run_checks(config: AgentConfig) -> dict[str, Any]:
         add(f"runtime {r.name}", True, ("usable " if r.available else "not usable: ") + detail, available=r.available)
     if not usable:
         add("runtimes", False, "no runtime usable (fix: pip install 'edge-agent[litert,onnx]')")
+    if config.mqtt is not None:
+        ok, detail = probe_broker(config)
+        add("mqtt broker", ok, detail)
     for name, src_cfg in config.sources.items():
         source = create_source(src_cfg, name)
         try:
@@ -80,3 +83,62 @@ def add_board(config: AgentConfig, add: Any) -> None:
         add("board", True, f"{board.model or profile.name}: profile {profile.id}")
     except AgentError as exc:
         add("board", False, str(exc))
+
+
+def probe_broker(config: AgentConfig, timeout: float = 5.0) -> tuple[bool, str]:
+    """Connect once with the configured credentials and TLS: the same CONNACK the daemon would get."""
+    import threading
+
+    from agent.mqtt.client import MqttLink
+
+    assert config.mqtt is not None
+    result: dict[str, Any] = {}
+    done = threading.Event()
+
+    class _NoOutbox:
+        def stats(self) -> dict[str, int]:
+            return {"rows": 0}
+
+    try:
+        from agent.protocol import Topics
+
+        link = MqttLink(
+            config.mqtt,
+            config.device_id,
+            Topics.for_device(config.device_id, config.mqtt.topic_prefix),
+            _NoOutbox(),
+            lambda: b"",
+            lambda reason: b"",
+        )  # type: ignore[arg-type]
+    except AgentError as exc:
+        return False, str(exc)
+    client = link._client
+    client.will_clear()
+
+    def on_connect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        result["reason"] = reason
+        done.set()
+
+    client.on_connect = on_connect
+    client.on_connect_fail = lambda *_: done.set()
+    address = f"{link.address.host}:{link.address.port}"
+    try:
+        client.connect(link.address.host, link.address.port, keepalive=10)
+    except OSError as exc:
+        return False, f"cannot reach {address}: {exc.strerror or exc} (fix: start the broker or fix [mqtt].broker)"
+    client.loop_start()
+    done.wait(timeout)
+    client.disconnect()
+    client.loop_stop()
+    reason = result.get("reason")
+    if reason is None:
+        return False, f"no answer from {address} within {timeout:g} s (fix: check the broker, port and TLS settings)"
+    if reason.is_failure:
+        return (
+            False,
+            f"{address} refused the connection: {reason} (fix: check username/password or the client certificate)",
+        )
+    return (
+        True,
+        f"{address} accepts this device ({'TLS, ' if link.address.tls or config.mqtt.tls else ''}MQTT {config.mqtt.protocol})",
+    )

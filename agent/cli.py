@@ -79,8 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format", choices=["auto", "json", "text"], default="auto", help="auto: JSON under systemd or when piped"
     )
 
-    p = sub.add_parser("check", help="validate config, detect the board, list runtimes, probe sources and models")
+    p = sub.add_parser("check", help="validate config, detect the board, list runtimes, probe sources, models, broker")
     p.add_argument("--config", type=Path, help="agent.toml (default: embedded sample pipelines)")
+    p.add_argument("--device-id", help="override device_id from the config")
+    p.add_argument("--broker", help="MQTT broker URL to probe (overrides [mqtt].broker)")
+    p.add_argument("--mqtt-protocol", choices=["5", "3.1.1"], help="MQTT protocol version")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("runtimes", help="list runtime backends and execution providers usable here")
@@ -368,6 +371,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from agent.check import run_checks
 
     config = _load_config(args)
+    _apply_overrides(config, args)
     report = run_checks(config)
     if args.json:
         print(json.dumps(report, indent=2, default=str))

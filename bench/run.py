@@ -72,7 +72,7 @@ def main() -> int:
     parser.add_argument(
         "--soak-seconds", type=float, default=120.0, help="pipeline soak run (RSS growth); 600 for the full figure"
     )
-    parser.add_argument("--only", choices=["inference", "pipeline"], help="run one part")
+    parser.add_argument("--only", choices=["inference", "pipeline", "mqtt"], help="run one part")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     args = parser.parse_args()
 
@@ -105,6 +105,18 @@ def main() -> int:
                 f"soak {s['seconds']} s: {s['processed']} results at {s['fps']} fps, p99 {s['latency_ms']['p99']} ms; "
                 f"RSS {s['rss_start_mb']} -> {s['rss_end_mb']} MB (growth {s['rss_growth_mb']} MB, max {s['rss_max_mb']} MB)"
             )
+    if args.only in (None, "mqtt"):
+        from bench.mqtt_bench import run as run_mqtt
+
+        console.print("mqtt: results through the outbox vs a bare paho loop; replay after a 10-minute outage ...")
+        m = run_mqtt()
+        report["mqtt"] = m
+        r = m["replay"]
+        console.print(
+            f"mqtt ({m['messages']} x {m['payload_bytes']} B, QoS 1, inflight {m['inflight']}): agent outbox "
+            f"{m['agent_outbox_per_s']}/s vs bare paho {m['bare_paho_per_s']}/s -> ratio {m['ratio']}; "
+            f"replay of {r['backlog']} queued results: {r['replay_per_s']}/s ({r['replay_s']} s)"
+        )
     console.print(f"peak RSS {peak_rss_mb():.0f} MB")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))

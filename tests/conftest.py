@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.mqtt_fixtures"]
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "agent" / "samples"
 FIXTURES = ROOT / "tests" / "fixtures"

@@ -3,14 +3,20 @@
 Nothing here talks to the system broker on 127.0.0.1:1883: every ``Broker`` runs its own ``mosquitto``
 process on free ports, with its config, log, password/ACL files and persistence under its own directory.
 
-Behaviour of Mosquitto 2.0 (measured with 2.0.11 in tests/test_mosquitto_fixture.py):
+Behaviour of Mosquitto 2.0.11 with paho-mqtt 2.2 (asserted in tests/test_mosquitto_fixture.py):
 
-- A QoS 1 PUBLISH denied by the ACL is not delivered. MQTT 5 clients get PUBACK with reason 0x87
-  (Not authorized); MQTT 3.1.1 clients get a plain PUBACK, indistinguishable from success. The client
-  stays connected either way.
-- A PUBLISH whose payload exceeds ``message_size_limit`` is dropped the same way: MQTT 5 QoS 1 gets
-  PUBACK 0x97 (Quota exceeded); MQTT 3.1.1 gets a plain PUBACK. The client stays connected.
-- A SUBSCRIBE denied by the ACL gets SUBACK 0x87 (MQTT 5) or 0x80 (3.1.1).
+- MQTT 5 PUBACK reason codes below 0x80 are successes: 0x00, or 0x10 No matching subscribers.
+- A PUBLISH denied by the ACL is not delivered and the client stays connected. MQTT 5 QoS 1 gets PUBACK
+  0x87 Not authorized; MQTT 3.1.1 QoS 1 gets a plain PUBACK (looks like success); QoS 0 gets nothing;
+  QoS 2 gets PUBREC 0x87 but paho reports the PUBCOMP (success). The broker logs "Denied PUBLISH".
+- A SUBSCRIBE outside the ACL is granted (SUBACK with the QoS); the broker filters at delivery.
+- A bad username/password gets CONNACK 0x87 Not authorized (3.1.1: return code 5), not 0x86.
+- A payload over ``message_size_limit`` is dropped ("Dropped too large PUBLISH" in the log). QoS 0, and
+  MQTT 3.1.1 QoS 1 (plain PUBACK), look like success. MQTT 5 QoS 1/2 get PUBACK/PUBREC 0x95, a code the
+  spec does not allow there: paho calls the packet malformed, drops the connection, reconnects and resends
+  the message forever. ``max_packet_size`` (any protocol) disconnects the client instead: the same loop.
+  So a client must never send more than the broker accepts.
+- On ``kill()`` the broker keeps what its last autosave wrote (``autosave_interval 1``); SIGTERM saves.
 """
 
 from __future__ import annotations
@@ -100,8 +106,31 @@ def write_password_file(path: Path, passwords: dict[str, str], *, use_tool: bool
     path.chmod(0o600)
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A free TCP port on 127.0.0.1 below the ephemeral range.
+
+    Outside that range no client socket (ours or another process's) is given the port as its local port
+    while the broker is down for a restart, and a reconnecting client cannot TCP-self-connect to it.
+    """
+    low, high = _ephemeral_range()
+    lo, hi = (10000, low - 1) if low > 11000 else (high + 1, 65535)
+    for _ in range(200):
+        port = secrets.randbelow(hi - lo + 1) + lo
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # crowded: let the kernel choose
         s.bind((HOST, 0))
         return s.getsockname()[1]
 
@@ -148,7 +177,12 @@ def make_certs(directory: Path, client_names: Iterable[str] = ("dev1",)) -> Cert
         return path
 
     def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edge-agent tests"), x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        return x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edge-agent tests"),
+                x509.NameAttribute(NameOID.COMMON_NAME, cn),
+            ]
+        )
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = name("edge-agent test CA")
@@ -427,7 +461,7 @@ class Broker:
                 stdin=subprocess.DEVNULL,
                 stdout=err,
                 stderr=err,
-                preexec_fn=_die_with_parent if os.name == "posix" else None,  # noqa: PLW1509
+                preexec_fn=_die_with_parent if os.name == "posix" else None,
             )
 
     def _wait_listening(self, deadline: float) -> str | None:
@@ -489,6 +523,26 @@ class Broker:
             if time.monotonic() > deadline:
                 raise AssertionError(f"no persistence save within {timeout}s:\n{self.log_tail()}")
             time.sleep(0.05)
+        # The line is logged when the (synchronous, single-threaded) save starts; a CONNECT answered after it
+        # proves the main loop got past the save, i.e. the database file has been written and renamed.
+        self.ping(timeout)
+
+    def ping(self, timeout: float = 5.0) -> None:
+        """One MQTT 3.1.1 CONNECT/CONNACK round trip on the plain port (any CONNACK code counts)."""
+        client_id = f"ping-{secrets.token_hex(4)}".encode()
+        body = b"\x00\x04MQTT\x04\x02\x00\x0a" + len(client_id).to_bytes(2, "big") + client_id
+        with socket.create_connection((HOST, self.port), timeout=timeout) as s:
+            s.sendall(bytes([0x10, len(body)]) + body)
+            connack = b""
+            while len(connack) < 4:
+                chunk = s.recv(4 - len(connack))
+                if not chunk:
+                    raise BrokerError(f"no CONNACK from the broker:\n{self.log_tail()}")
+                connack += chunk
+            if connack[0] != 0x20:
+                raise BrokerError(f"unexpected answer to CONNECT: {connack!r}")
+            with contextlib.suppress(OSError):
+                s.sendall(b"\xe0\x00")  # DISCONNECT
 
     def pause(self) -> None:
         """SIGSTOP: the broker hangs with its sockets open (clients only notice through keepalive)."""
@@ -732,7 +786,9 @@ class Subscriber:
         with self._cond:
             self._messages.clear()
 
-    def wait_for(self, predicate: MessagePredicate | None = None, timeout: float = 5.0, *, count: int = 1) -> list[Message]:
+    def wait_for(
+        self, predicate: MessagePredicate | None = None, timeout: float = 5.0, *, count: int = 1
+    ) -> list[Message]:
         """Wait until ``count`` received messages match ``predicate`` (a callable or a topic filter string).
 
         Returns all matching messages so far; raises ``AssertionError`` listing what arrived on timeout.

@@ -14,8 +14,6 @@ import pytest
 
 from tests.mosquitto import ACL_PASSWORDS, EDGE_ACL, Broker, Certs, Subscriber, find_mosquitto, make_certs
 
-__all__ = ["ACL_PASSWORDS", "EDGE_ACL"]
-
 CLIENT_NAMES = ["dev1", "dev2", "fleet"]
 
 _BROKERS = pytest.StashKey[list[Broker]]()
@@ -48,7 +46,9 @@ def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 
 
 @pytest.fixture
-def broker_factory(request: pytest.FixtureRequest, tmp_path: Path, mosquitto_bin: str) -> Iterator[Callable[..., Broker]]:
+def broker_factory(
+    request: pytest.FixtureRequest, tmp_path: Path, mosquitto_bin: str
+) -> Iterator[Callable[..., Broker]]:
     """``make(**Broker options) -> Broker``, started; every broker made is stopped (killed if stuck) at teardown."""
     made: list[Broker] = []
 

@@ -167,3 +167,22 @@ def test_batch_video(tmp_path: Path) -> None:
     assert sum(r["label"] == str(i) for i, r in enumerate(records)) >= 9  # JPEG-compressed frames
     proc = run_cli("batch", "--model", TFLITE, "--input", video, "--output", out, "--json")
     assert json.loads(proc.stdout)["skipped"] == 10
+
+
+def test_detector_decodes_grid_and_suppresses_duplicates() -> None:
+    scenes = sorted(INPUTS.glob("scene_*.png"))
+    assert scenes
+    proc = run_cli("infer", SAMPLES / "digits-detector", *scenes, "--json")
+    assert proc.returncode == 0, proc.stderr
+    for line, scene in zip(proc.stdout.splitlines(), scenes, strict=True):
+        record = json.loads(line)
+        height, width = cv2.imread(str(scene)).shape[:2]
+        dets = record["detections"]
+        assert dets, scene
+        assert record["candidates"] > len(dets)  # several grid cells fire per digit: NMS keeps one
+        for det in dets:
+            x1, y1, x2, y2 = det["box"]
+            assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height  # mapped back through the letterbox
+            assert det["label"] in [str(i) for i in range(10)] and det["score"] >= 0.4
+    proc = run_cli("describe", SAMPLES / "digits-detector", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["golden"]["passed"]

@@ -22,8 +22,6 @@ from tests.mosquitto import (
     mosquitto_password_hash,
 )
 
-pytest_plugins = ["tests.mqtt_fixtures"]
-
 V5, V311 = mqtt.MQTTv5, mqtt.MQTTv311
 NOT_AUTHORIZED = 0x87
 NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 PUBACK when nobody subscribes: a success code (< 0x80)
@@ -191,7 +189,7 @@ def test_retained_survives_graceful_restart(broker, mqtt_client):
 
 def test_restart_without_persistence_forgets(broker_factory, mqtt_client):
     broker = broker_factory(persistence=False)
-    assert mqtt_client(broker, None).publish("edge/dev1/status", b"online", retain=True) == 0
+    assert mqtt_client(broker, None).publish("edge/dev1/status", b"online", retain=True) == NO_MATCHING_SUBSCRIBERS
     broker.restart()
     mqtt_client(broker, "edge/#").assert_no_message(within=0.3)
 
@@ -226,3 +224,27 @@ def test_message_size_limit(broker_factory, mqtt_client):
     sub.wait_for("edge/dev1/small")
     sub.assert_no_message(lambda m: "big" in m.topic, within=0.2)
     assert broker.log_text().count("Dropped too large PUBLISH") >= 4
+
+
+@pytest.mark.parametrize(("ci", "outcome"), [("true", pytest.fail.Exception), ("", pytest.skip.Exception)])
+def test_missing_mosquitto_fails_in_ci_and_skips_elsewhere(monkeypatch, ci, outcome):
+    monkeypatch.setattr(mosquitto.shutil, "which", lambda name: None)
+    monkeypatch.setattr(mosquitto.os, "access", lambda path, mode: False)
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="apt-get install mosquitto"):
+        mosquitto.find_mosquitto()
+
+
+def test_max_queued_messages_drops_beyond_the_limit_for_offline_sessions(broker_factory, mqtt_client):
+    broker = broker_factory(max_queued_messages=5)
+    session = {"client_id": "fleet-offline", "clean_start": False, "session_expiry": 300}
+    mqtt_client(broker, "edge/dev1/#", **session).close()  # subscribed, then offline; the session stays
+    pub = mqtt_client(broker, None)
+    codes = [pub.publish(f"edge/dev1/n{i}", str(i).encode()) for i in range(10)]
+    assert all(rc == 0 for rc in codes), codes  # the publisher is not told about the overflow
+    back = mqtt_client(broker, "edge/dev1/#", **session)
+    assert back.session_present is True
+    back.wait_for("edge/dev1/#", count=5)
+    back.assert_no_message("edge/dev1/n5", within=0.3)
+    assert [m.payload for m in back.messages()] == [b"0", b"1", b"2", b"3", b"4"]
+    broker.wait_for_log("Outgoing messages are being dropped for client fleet-offline")

@@ -253,9 +253,7 @@ limits_strategy = st.builds(
     now=st.floats(0, 2000),
     priority=st.sampled_from([BULK, CRITICAL]),
 )
-def test_properties_of_one_append(
-    rows: list[Row], limits: OutboxLimits, size: int, now: float, priority: str
-) -> None:
+def test_properties_of_one_append(rows: list[Row], limits: OutboxLimits, size: int, now: float, priority: str) -> None:
     after, adm, ev, expired = apply(rows, size, now, limits, priority)
     fits = size <= min(limits.max_payload_bytes, limits.max_bytes)
     assert adm.accept is fits

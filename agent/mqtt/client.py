@@ -60,6 +60,7 @@ class MqttLink:
         self._inflight: dict[int, tuple[int, float]] = {}  # paho mid -> (outbox id, handed-over time)
         self._early_acks: dict[int, Any] = {}  # PUBACKs seen before the mid was recorded
         self._direct_mids: set[int] = set()
+        self._acked: list[int] = []  # PUBACKed outbox rows not yet deleted
         self._cursor = 0  # highest outbox id handed to paho since the last (re)connect
         self._stop = threading.Event()
         self._publisher: threading.Thread | None = None
@@ -164,7 +165,11 @@ class MqttLink:
     def stop(self, reason: str = "shutdown", drain_timeout: float = 5.0) -> None:
         """Give queued messages ``drain_timeout`` to go out, publish status offline, disconnect."""
         deadline = time.monotonic() + drain_timeout
-        while self.connected and time.monotonic() < deadline and (self.outbox.stats()["rows"] or self._inflight):
+        while (
+            self.connected
+            and time.monotonic() < deadline
+            and (self.outbox.stats()["rows"] > len(self._acked) or self._inflight)
+        ):
             time.sleep(0.05)
         self._stop.set()
         with self._lock:
@@ -178,6 +183,7 @@ class MqttLink:
         self._client.loop_stop()
         if self._publisher is not None:
             self._publisher.join(5)
+        self._flush_acks()
 
     # ---- publishing ---------------------------------------------------------------------------
 
@@ -214,6 +220,7 @@ class MqttLink:
         from paho.mqtt.client import MQTT_ERR_SUCCESS
 
         while not self._stop.is_set():
+            self._flush_acks()
             with self._lock:
                 room = self.config.inflight - len(self._inflight)
                 if not self.connected or room <= 0:
@@ -316,7 +323,15 @@ class MqttLink:
             log.error("broker rejected a message, dropped", reason=str(reason_code), outbox_id=row)
         else:
             self.published += 1
-        self.outbox.ack(row)
+        with self._lock:  # deleted in batches by the publisher thread: one transaction for many PUBACKs
+            self._acked.append(row)
+            self._lock.notify_all()
+
+    def _flush_acks(self) -> None:
+        with self._lock:
+            rows, self._acked = self._acked, []
+        if rows:
+            self.outbox.ack_many(rows)
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         import paho.mqtt.client as mqtt

@@ -73,7 +73,7 @@ CREATE INDEX messages_priority ON messages (priority, id);
 CREATE INDEX messages_created_at ON messages (created_at);
 PRAGMA user_version = {SCHEMA_VERSION};
 """
-_CANDIDATE_PAGE = 256
+_CANDIDATE_PAGE = 1024
 _FULL = "full"  # episode key: appends are evicting older messages
 
 
@@ -90,6 +90,11 @@ class OutboxMessage:
     retain: bool
     priority: str
     created_at: float
+
+
+def _close_quietly(conn: sqlite3.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error):
+        conn.close()
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -168,44 +173,63 @@ class Outbox:
     # ----------------------------------------------------------------------------------- open
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        """Open and check the file. A corrupt or foreign file is moved aside and a fresh one opened.
+
+        The move happens while SQLite still holds the old file open: closing it first would let
+        SQLite checkpoint its WAL into it or delete that WAL, and the evidence would change.
+        """
+        conn = self._raw_connect()
         try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                log.warning("outbox_not_wal", path=str(self.path), journal_mode=mode)
-            # WAL + NORMAL: a commit survives the process being killed, not necessarily power loss.
-            conn.execute(f"PRAGMA synchronous={self._synchronous}")
-            conn.execute("PRAGMA journal_size_limit=4194304")  # truncate the WAL to 4 MiB after checkpoints
-            if self._check_integrity:
-                problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
-                if problems != ["ok"]:
-                    raise _Unusable("corrupt", "; ".join(map(str, problems)))
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if version == 0 and not tables:
-                conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
-            elif version != SCHEMA_VERSION or "messages" not in tables:
-                raise _Unusable("incompatible", f"schema version {version}, tables {sorted(tables)}")
-            rows, size = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM messages").fetchone()
+            self._prepare(conn)
+            return conn
+        except _Unusable as exc:
+            tag, detail = exc.tag, exc.detail
+        except sqlite3.DatabaseError as exc:
+            if not is_corrupt(exc):
+                _close_quietly(conn)
+                raise
+            tag, detail = "corrupt", str(exc)
+        try:
+            self._move_aside(tag, detail)
+        finally:
+            _close_quietly(conn)
+        conn = self._raw_connect()
+        try:
+            self._prepare(conn)
         except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
+            _close_quietly(conn)
             raise
-        self._rows, self._bytes = int(rows), int(size)
         return conn
+
+    def _raw_connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        # Read-only checks first: a file that is not ours must be moved aside unchanged.
+        if self._check_integrity:
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise _Unusable("corrupt", "; ".join(map(str, problems)))
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        fresh = version == 0 and not tables
+        if not fresh and (version != SCHEMA_VERSION or "messages" not in tables):
+            raise _Unusable("incompatible", f"schema version {version}, tables {sorted(tables)}")
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            log.warning("outbox_not_wal", path=str(self.path), journal_mode=mode)
+        # WAL + NORMAL: a commit survives the process being killed, not necessarily power loss.
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        conn.execute("PRAGMA journal_size_limit=4194304")  # truncate the WAL to 4 MiB after checkpoints
+        if fresh:
+            conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
+        rows, size = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM messages").fetchone()
+        self._rows, self._bytes = int(rows), int(size)
 
     def _open(self) -> sqlite3.Connection:
         try:
             return self._connect()
-        except _Unusable as exc:
-            self._move_aside(exc.tag, exc.detail)
-        except sqlite3.DatabaseError as exc:
-            if not is_corrupt(exc):
-                raise self._open_error(exc) from exc
-            self._move_aside("corrupt", str(exc))
-        try:
-            return self._connect()
-        except (sqlite3.Error, _Unusable) as exc:
+        except (OSError, sqlite3.Error, _Unusable) as exc:
             raise self._open_error(exc) from exc
 
     def _open_error(self, exc: BaseException) -> OutboxError:
@@ -240,14 +264,17 @@ class Outbox:
 
     def _recover_corrupt(self, exc: BaseException) -> bool:
         """At run time: the file went bad under us. Move it aside and start empty (lock held)."""
-        with contextlib.suppress(sqlite3.Error):
-            self._conn.close()
         try:
             self._move_aside("corrupt", str(exc))
+        except OSError as err:  # keep using the file: errors are counted, nothing is deleted
+            log.error("outbox_recovery_failed", path=str(self.path), error=str(err))
+            return False
+        _close_quietly(self._conn)
+        try:
             self._conn = self._connect()
         except (OSError, sqlite3.Error, _Unusable) as err:
             log.error("outbox_recovery_failed", path=str(self.path), error=str(err))
-            self._conn = sqlite3.connect(":memory:", check_same_thread=False)  # keeps calls failing softly
+            self._conn = sqlite3.connect(":memory:", check_same_thread=False)  # later calls fail softly, counted
             return False
         return True
 
@@ -271,6 +298,8 @@ class Outbox:
         if qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
         check_priority(priority)
+        if not isinstance(payload, (bytes, bytearray, memoryview, str)):
+            raise TypeError(f"payload must be bytes or str, got {type(payload).__name__}")
         data = payload.encode() if isinstance(payload, str) else bytes(payload)
         with self._cond:
             if self._closed:
@@ -353,18 +382,18 @@ class Outbox:
         return int(cur.lastrowid)  # type: ignore[arg-type]
 
     def _candidates(self, priority: str) -> Iterator[Candidate]:
-        """Stored messages of ``priority``, oldest first, read a page at a time (no cursor left open)."""
-        after = 0
+        """Stored messages of ``priority``, oldest first, read in growing pages (no cursor left open)."""
+        after, page_size = 0, 8
         while True:
             page = self._conn.execute(
                 "SELECT id, size FROM messages WHERE priority = ? AND id > ? ORDER BY id LIMIT ?",
-                (priority, after, _CANDIDATE_PAGE),
+                (priority, after, page_size),
             ).fetchall()
             for row_id, size in page:
                 yield Candidate(row_id, size)
-            if len(page) < _CANDIDATE_PAGE:
+            if len(page) < page_size:
                 return
-            after = page[-1][0]
+            after, page_size = page[-1][0], min(page_size * 4, _CANDIDATE_PAGE)
 
     def ack(self, message_id: int) -> None:
         """The broker acknowledged ``message_id``: delete it. Unknown or already deleted ids are ignored."""

@@ -18,9 +18,9 @@ from agent.mqtt import discovery
 from agent.mqtt.client import MqttLink
 from agent.mqtt.outbox import Outbox
 from agent.mqtt.outbox_policy import OutboxLimits
-from agent.mqtt.predict import PredictHandler
+from agent.mqtt.predict import PredictHandler, TokenBucket
 from agent.mqtt.result_policy import ResultGate
-from agent.protocol import EventPayload, ModelRef, StatusPayload, Topics, encode
+from agent.protocol import EventPayload, ModelRef, ProtocolError, StatusPayload, Topics, encode, parse_json_object
 
 if TYPE_CHECKING:
     from agent.daemon import Daemon
@@ -49,6 +49,8 @@ class MqttService:
         self.predict = PredictHandler(self)
         self.oversize_results = 0
         self.link.subscribe(self.topics.predict, self.predict.on_message)
+        self.link.subscribe(self.topics.commands, self._on_command)
+        self._ack_bucket = TokenBucket(10.0, 20, time.monotonic())
         if self.mqtt.home_assistant.enabled:
             self.link.subscribe(f"{self.mqtt.home_assistant.discovery_prefix}/status", self._on_ha_status)
             self.link.on_connected(self.announce)
@@ -204,6 +206,22 @@ class MqttService:
                 self.link.publish_durable(self.topics.telemetry, encode(self.telemetry()))
             except Exception:  # telemetry must never take the agent down
                 log.exception("telemetry failed")
+
+    # ---- commands -------------------------------------------------------------------------------
+
+    def _on_command(self, message: Any) -> None:
+        """Commands must be signed by the fleet (fleet issue); until a trust root is configured every one is refused."""
+        name = message.topic.rsplit("/", 1)[-1]
+        try:
+            body = parse_json_object(message.payload, "command", 64 * 1024)
+            error = "commands are not accepted: no fleet trust root is configured on this device"
+            command_id = body.get("id") if isinstance(body.get("id"), str) else None
+        except ProtocolError as exc:
+            error, command_id = str(exc), None
+        log.warning("command refused", command=name, error=error)
+        if self._ack_bucket.allow(time.monotonic()):  # a flood of bad commands must not become a flood of acks
+            ack = {"v": 1, "device_id": self.device_id, "command": name, "id": command_id, "ok": False, "error": error}
+            self.link.publish_now(self.topics.ack, encode({k: v for k, v in ack.items() if v is not None}))
 
     # ---- Home Assistant -----------------------------------------------------------------------
 

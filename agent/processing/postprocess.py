@@ -143,7 +143,9 @@ def detect_yolo(
             f"yolo output must be (1, N, K) or (1, K, N), got {list(np.shape(output))}", "fix [detection]"
         )
     expected_k = 4 + (1 if spec.objectness else 0) + len(labels) if labels else None
-    if (expected_k is not None and pred.shape[1] != expected_k and pred.shape[0] == expected_k) or (expected_k is None and pred.shape[0] < pred.shape[1]):
+    if (expected_k is not None and pred.shape[1] != expected_k and pred.shape[0] == expected_k) or (
+        expected_k is None and pred.shape[0] < pred.shape[1]
+    ):
         pred = pred.T
     if pred.shape[1] < 5 + (1 if spec.objectness else 0):
         raise BundleError(f"yolo output rows have {pred.shape[1]} values, too few for box + scores", "fix [detection]")
