@@ -1,0 +1,1 @@
+"""Model update lifecycle on the device: slots, downloads, activation and rollback."""
