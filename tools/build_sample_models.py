@@ -5,7 +5,7 @@ Everything is rebuilt from seeded data: scikit-learn's bundled ``load_digits``
 images (no download) and synthetic sensor signals. Run from the repository root
 in a virtual environment made from ``tools/requirements-build.txt``::
 
-    python tools/build_sample_models.py                  # everything (about 5 minutes on 2 cores)
+    python tools/build_sample_models.py                  # everything (about 6 minutes on 2 cores)
     python tools/build_sample_models.py --only sensor-anomaly
     python tools/build_sample_models.py --verify         # check outputs; needs no TensorFlow
 
@@ -16,8 +16,8 @@ Outputs:
 * ``agent/samples/inputs/``: sample digits, scenes and sensor CSVs
 * ``tests/fixtures/``: tiny TFLite models for runtime edge cases
 
-Training is deterministic (fixed seeds, ``TF_DETERMINISTIC_OPS=1``); floats may
-differ in the last bits across machines and library versions.
+Training is deterministic (fixed seeds, ``TF_DETERMINISTIC_OPS=1``): the same machine and library versions give
+byte-identical files, with or without ``--only``; other CPUs or versions may differ in the last bits of the weights.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ except ModuleNotFoundError:  # Python 3.10 (--verify on a device)
 
 os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("PYTHONHASHSEED", "0")
 
 import cv2
 import numpy as np
@@ -61,8 +60,6 @@ ONNX_OPSET = 17
 ONNX_IR_VERSION = 9  # onnxruntime reads IR <= 10; onnx 1.23 writes 14 by default
 DIGIT_LABELS = [str(i) for i in range(10)]
 
-BUNDLES = ("digits-classifier-tflite", "digits-classifier-onnx", "sensor-anomaly", "digits-detector", "fixtures")
-
 # Sensor signal: one machine, two fixed vibration frequencies seen by three axes with fixed gains and phases.
 FS_HZ = 100.0
 F1_HZ, F2_HZ = 12.5, 31.0
@@ -78,8 +75,9 @@ ANOMALY_KINDS = ("spikes", "frequency_shift", "amplitude_surge", "stuck_axis")
 
 # Detector: 64x64 RGB input, 8x8 grid, one anchor per cell, YOLOv5-style decode.
 DET_SIZE, DET_STRIDE, DET_GRID, DET_ANCHOR = 64, 8, 8, 16.0
-DET_TRAIN_SCENES, DET_EPOCHS = 12000, 3  # fresh scenes rather than many epochs over few
+DET_TRAIN_SCENES, DET_EPOCHS = 12000, 4  # fresh scenes rather than many epochs over few
 DET_NEIGHBOUR_OBJ = 0.7  # objectness target of the neighbouring cells that also predict an object
+DET_LOSS_WEIGHTS = (5.0, 1.0, 2.0)  # objectness (mean over cells), box and class (means over assigned cells)
 LETTERBOX_FILL = 114
 
 
@@ -106,7 +104,7 @@ def round_up(x: float, digits: int = 3) -> float:
     if x <= 0:
         return 0.0
     exp = int(np.floor(np.log10(x))) - digits + 1
-    return float(np.ceil(x / 10.0**exp) * 10.0**exp)
+    return float(f"{np.ceil(x / 10.0**exp) * 10.0**exp:.{digits}g}")
 
 
 def tensor_stats(x: np.ndarray, channel_axis: int) -> dict[str, Any]:
@@ -291,9 +289,11 @@ def tf_module() -> Any:
 
 
 def seed_everything(name: str) -> None:
+    """Fresh Keras state (layer-name counters too: names end up in the model files) and seeds derived from ``name``."""
     tf_module()
     import keras
 
+    keras.backend.clear_session()
     keras.utils.set_random_seed(int(rng_for(name).integers(0, 2**31 - 1)))
 
 
@@ -301,13 +301,25 @@ WEIGHTS_CACHE: Path | None = None  # --weights-cache: reuse trained weights (dev
 
 
 def train(
-    name: str, build: Callable[[int | None], Any], data: Any, epochs: int, steps_per_epoch: int, loss: Any, lr: float
-) -> Any:
-    """Seed, build, compile (Adam + cosine decay) and fit; returns (model, the same network rebuilt for batch 1)."""
+    name: str,
+    build: Callable[[int | None], Any],
+    xy: tuple[np.ndarray, np.ndarray],
+    batch: int,
+    epochs: int,
+    loss: Any,
+    lr: float,
+    scale: float = 1.0,
+) -> tuple[Any, Any]:
+    """Seed, build, compile (Adam + cosine decay) and fit; returns (model, the same network rebuilt for batch 1).
+
+    Everything random is seeded from ``name`` here, so a model trains the same with or without --only.
+    """
     import keras
 
     seed_everything(name)
+    data = dataset(xy[0], xy[1], batch, name, scale)
     model = build(None)
+    steps_per_epoch = int(np.ceil(len(xy[0]) / batch))
     model.compile(
         optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(lr, epochs * steps_per_epoch)),
         loss=loss,
@@ -318,7 +330,7 @@ def train(
         model.load_weights(cached)
     else:
         t0 = time.time()
-        model.fit(data, epochs=epochs, verbose=0)
+        model.fit(data, epochs=epochs, verbose=0, shuffle=False)  # the dataset shuffles (seeded)
         log(f"  trained {name} in {time.time() - t0:.0f}s")
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -428,7 +440,9 @@ class OnnxGraph:
 def keras_to_onnx_body(g: OnnxGraph, model: Any, x: str, hwc: tuple[int, int, int], final_activation: bool) -> str:
     """Append the layers of a sequential Keras CNN (NHWC) as NCHW ONNX nodes; returns the last tensor name.
 
-    Supported: Conv2D (stride 1, 'same'/'valid', relu/linear), MaxPooling2D (2x2), Flatten, Dense, Dropout.
+    Supported: Conv2D (stride 1, 'same'/'valid') optionally followed by BatchNormalization (folded into the
+    convolution), MaxPooling2D (2x2), Flatten, Dense, Dropout, ReLU/Activation layers and relu/linear/softmax
+    activations. The final softmax is left out unless ``final_activation``.
     """
     h, w, c = hwc
     flat_from: tuple[int, int, int] | None = None
@@ -439,8 +453,12 @@ def keras_to_onnx_body(g: OnnxGraph, model: Any, x: str, hwc: tuple[int, int, in
         last = i == len(layers) - 1
         act = cfg.get("activation", "linear")
         if kind == "Conv2D":
-            kernel, bias = (np.asarray(v, dtype=np.float32) for v in layer.get_weights())
+            weights = [np.asarray(v, dtype=np.float32) for v in layer.get_weights()]
+            kernel = weights[0]
             kh, kw, _, cout = kernel.shape
+            bias = weights[1] if cfg["use_bias"] else np.zeros(cout, np.float32)
+            if i + 1 < len(layers) and layers[i + 1].__class__.__name__ == "BatchNormalization":
+                kernel, bias = fold_batchnorm(kernel, bias, layers[i + 1])
             assert tuple(cfg["strides"]) == (1, 1) and tuple(cfg["dilation_rate"]) == (1, 1), layer.name
             pad = [(kh - 1) // 2, (kw - 1) // 2, kh // 2, kw // 2] if cfg["padding"] == "same" else [0, 0, 0, 0]
             wname = g.const(f"{layer.name}_w", kernel.transpose(3, 2, 0, 1))
@@ -449,6 +467,12 @@ def keras_to_onnx_body(g: OnnxGraph, model: Any, x: str, hwc: tuple[int, int, in
             if cfg["padding"] != "same":
                 h, w = h - kh + 1, w - kw + 1
             c = cout
+        elif kind == "BatchNormalization":
+            assert layers[i - 1].__class__.__name__ == "Conv2D", f"{layer.name} must follow a Conv2D"
+            act = "linear"  # folded above
+        elif kind in ("ReLU", "Activation"):
+            act = "relu" if kind == "ReLU" else act
+            assert kind == "Activation" or not any(cfg.get(k) for k in ("max_value", "negative_slope", "threshold"))
         elif kind == "MaxPooling2D":
             assert tuple(cfg["pool_size"]) == (2, 2) and tuple(cfg["strides"]) == (2, 2), layer.name
             x = g.op("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
@@ -475,6 +499,17 @@ def keras_to_onnx_body(g: OnnxGraph, model: Any, x: str, hwc: tuple[int, int, in
         elif act not in ("linear", "softmax"):
             raise ValueError(f"cannot export activation {act} of {layer.name}")
     return x
+
+
+def fold_batchnorm(kernel: np.ndarray, bias: np.ndarray, bn: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Fold an inference-mode BatchNormalization into the preceding convolution's kernel (HWIO) and bias."""
+    cfg = bn.get_config()
+    assert cfg["axis"] in (-1, [-1], 3, [3]), bn.name
+    params = {v.path.rsplit("/", 1)[-1]: np.asarray(v, dtype=np.float64) for v in bn.weights}
+    gamma = params.get("gamma", np.ones_like(params["moving_mean"]))
+    beta = params.get("beta", np.zeros_like(params["moving_mean"]))
+    scale = gamma / np.sqrt(params["moving_variance"] + cfg["epsilon"])
+    return (kernel * scale).astype(np.float32), ((bias - params["moving_mean"]) * scale + beta).astype(np.float32)
 
 
 class ArrayReader:
@@ -707,13 +742,7 @@ def train_classifier() -> Any:
     y = np.tile(d.labels[d.train], 3)
     log(f"training digits CNN on {len(x)} images")
     _, infer = train(
-        "classifier",
-        classifier_model,
-        dataset(x[..., None], y, 64, "classifier", 1 / 255.0),
-        6,
-        int(np.ceil(len(x) / 64)),
-        "sparse_categorical_crossentropy",
-        2e-3,
+        "classifier", classifier_model, (x[..., None], y), 64, 6, "sparse_categorical_crossentropy", 2e-3, 1 / 255
     )
     _CLASSIFIER = infer
     return infer
@@ -903,23 +932,21 @@ def recon_scores(x: np.ndarray, recon: np.ndarray) -> np.ndarray:
 
 def build_sensor_anomaly() -> Report:
     report = Report("sensor-anomaly")
-    train = normal_windows(rng_for("sensor-train"), 160)
-    mean, std = train.reshape(-1, 3).mean(axis=0), train.reshape(-1, 3).std(axis=0)
+    normal_train = normal_windows(rng_for("sensor-train"), 160)
+    mean, std = normal_train.reshape(-1, 3).mean(axis=0), normal_train.reshape(-1, 3).std(axis=0)
     mean, std = np.array([sig(v) for v in mean]), np.array([sig(v) for v in std])
 
     def standardize(w: np.ndarray) -> np.ndarray:
         return ((w - mean) / std).astype(np.float32)
 
-    xtr = standardize(train)
+    xtr = standardize(normal_train)
     val = standardize(normal_windows(rng_for("sensor-val"), 40))
     test = standardize(normal_windows(rng_for("sensor-test"), 40))
     arng = rng_for("sensor-anomalies")
     anomalies = {k: standardize(np.stack([anomalous_window(arng, k) for _ in range(1000)])) for k in ANOMALY_KINDS}
 
     log(f"training sensor autoencoder on {len(xtr)} windows")
-    model, infer = train(
-        "sensor", anomaly_model, dataset(xtr, xtr, 128, "sensor"), 30, int(np.ceil(len(xtr) / 128)), "mse", 2e-3
-    )
+    model, infer = train("sensor", anomaly_model, (xtr, xtr), 128, 30, "mse", 2e-3)
 
     rep = xtr[rng_for("sensor-rep").permutation(len(xtr))[:500]]
     data = tflite_int8(infer, rep, names=(["window"], ["reconstruction"]))
@@ -1114,13 +1141,16 @@ def detector_model(batch_size: int | None) -> Any:
     import keras
     from keras import layers
 
+    def block(x: Any, ch: int) -> Any:
+        x = layers.Conv2D(ch, 3, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        return layers.ReLU()(x)
+
     inp = keras.Input((DET_SIZE, DET_SIZE, 3), batch_size=batch_size, name="image")
     x = inp
     for ch in (16, 32, 48):
-        x = layers.Conv2D(ch, 3, padding="same", activation="relu")(x)
-        x = layers.MaxPooling2D()(x)
-    x = layers.Conv2D(64, 3, padding="same", activation="relu")(x)
-    x = layers.Conv2D(64, 3, padding="same", activation="relu")(x)
+        x = layers.MaxPooling2D()(block(x, ch))
+    x = block(block(x, 64), 64)
     out = layers.Conv2D(15, 1, name="head")(x)
     return keras.Model(inp, out, name="digits_detector")
 
@@ -1148,7 +1178,7 @@ def detector_loss(y_true: Any, y_pred: Any) -> Any:
     l_box = tf.reduce_sum(mask * (l1 + (1.0 - iou)), axis=[1, 2]) / npos
     ce = tf.nn.softmax_cross_entropy_with_logits(labels=cls_t, logits=y_pred[..., 5:15])
     l_cls = tf.reduce_sum(mask * ce, axis=[1, 2]) / npos
-    return 20.0 * l_obj + l_box + l_cls
+    return DET_LOSS_WEIGHTS[0] * l_obj + DET_LOSS_WEIGHTS[1] * l_box + DET_LOSS_WEIGHTS[2] * l_cls
 
 
 def detector_to_onnx(model: Any) -> tuple[Any, list[str]]:
@@ -1297,29 +1327,30 @@ def letterbox(image: np.ndarray, size: int = DET_SIZE) -> np.ndarray:
     h, w = image.shape[:2]
     scale = min(size / w, size / h)
     nw, nh = round(w * scale), round(h * scale)
-    resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    interp = cv2.INTER_AREA if w > nw and h > nh else cv2.INTER_LINEAR  # as agent/processing/image.py
+    resized = cv2.resize(image, (nw, nh), interpolation=interp)
     out = np.full((size, size, 3), LETTERBOX_FILL, dtype=np.uint8)
     top, left = (size - nh) // 2, (size - nw) // 2
     out[top : top + nh, left : left + nw] = resized
     return out
 
 
-def write_scene_pngs() -> tuple[list[Path], list[np.ndarray]]:
-    """Three 128x96 RGB scenes (digits 24-48 px, from the test split); returns paths and letterboxed model inputs."""
+def write_scene_pngs() -> tuple[list[Path], list[np.ndarray], list[list[int]]]:
+    """Three 128x96 RGB scenes (digits 28-44 px, test split); returns paths, letterboxed model inputs, labels."""
     INPUTS.mkdir(parents=True, exist_ok=True)
     rng = rng_for("detector-sample-scenes")
     d = digits()
-    paths, inputs = [], []
+    paths, inputs, truth = [], [], []
     for i in range(3):
         canvas = rng.uniform(0, 40, 3) + rng.normal(0, 3, (96, 128, 3))
         canvas = canvas.astype(np.float32)
-        paste_digits(canvas, (0, 0, 128, 96), 2 + i % 2, (26, 46), d.test, rng)
+        truth.append(paste_digits(canvas, (4, 4, 120, 88), 2 + i % 2, (28, 44), d.test, rng)[1])
         image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
         p = INPUTS / f"scene_{i}.png"
         cv2.imwrite(str(p), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         paths.append(p)
         inputs.append(det_input(letterbox(image)))
-    return paths, inputs
+    return paths, inputs, truth
 
 
 def build_detector() -> Report:
@@ -1330,10 +1361,7 @@ def build_detector() -> Report:
     x = np.stack([s.image for s in train_scenes])
     y = np.stack([detector_targets(s) for s in train_scenes])
     log(f"training digits detector on {len(x)} scenes")
-    steps = int(np.ceil(len(x) / 64))
-    model, infer = train(
-        "detector", detector_model, dataset(x, y, 64, "detector", 1 / 255.0), DET_EPOCHS, steps, detector_loss, 2e-3
-    )
+    model, infer = train("detector", detector_model, (x, y), 64, DET_EPOCHS, detector_loss, 2e-3, 1 / 255)
 
     x_test = np.stack([det_input(s.image)[0] for s in test_scenes])
     float_model, head = detector_to_onnx(infer)
@@ -1396,9 +1424,11 @@ def build_detector() -> Report:
             "recall_float": m_float["recall"],
             "precision_int8": m_int8["precision"],
             "recall_int8": m_int8["recall"],
+            "raw_candidates_per_object_int8": m_int8["raw_candidates_per_object"],
+            "test_scenes": float(len(test_scenes)),
         },
     }
-    scene_paths, scene_inputs = write_scene_pngs()
+    scene_paths, scene_inputs, scene_truth = write_scene_pngs()
     golden = [*scene_inputs, det_input(test_scenes[0].image)]
     write_bundle(report.name, meta["model"], data, "onnx", meta, golden, None, report)
     report.latency_ms["float .onnx (not shipped)"] = OnnxRunner(float_bytes).latency_ms(golden[:1])
@@ -1406,7 +1436,7 @@ def build_detector() -> Report:
     for i, x_in in enumerate(scene_inputs):
         det = postprocess(runner.run([x_in])[0][0], 0.4)
         found = ", ".join(f"{int(r[5])}@({r[0]:.0f},{r[1]:.0f},{r[2]:.0f},{r[3]:.0f}) {r[4]:.2f}" for r in det)
-        report.notes.append(f"scene_{i}.png (letterboxed) int8 detections: {found or 'none'}")
+        report.notes.append(f"scene_{i}.png (digits {scene_truth[i]}) int8 detections: {found or 'none'}")
     return report
 
 
