@@ -402,7 +402,9 @@ def test_unsigned_commands_are_refused_with_an_ack(tmp_path: Path, broker: Broke
         client.publish("edge/dev1/cmd/set", b"\xff not json")
         acks = client.wait_for("edge/dev1/ack", count=2, timeout=10)
         first, second = (payload(a) for a in acks)
-        assert first["command"] == "restart" and first["id"] == "c1" and not first["ok"] and "trust root" in first["error"]
+        assert (
+            first["command"] == "restart" and first["id"] == "c1" and not first["ok"] and "trust root" in first["error"]
+        )
         assert second["command"] == "set" and not second["ok"] and "UTF-8" in second["error"]
         assert proc.poll() is None
     finally:
