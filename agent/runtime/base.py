@@ -131,6 +131,13 @@ class Model(abc.ABC):
 
     def prepare_input(self, tensor: TensorInfo, array: np.ndarray) -> np.ndarray:
         """Cast or quantize ``array`` to ``tensor``'s dtype and check its shape."""
+        if (  # the common case (pre-processing already produced the exact tensor): nothing to do
+            type(array) is np.ndarray
+            and array.dtype == tensor.dtype
+            and array.shape == tensor.shape
+            and array.flags.c_contiguous
+        ):
+            return array
         array = np.asarray(array)
         if array.ndim == len(tensor.shape) - 1 and tensor.shape and tensor.concrete_shape()[0] == 1:
             array = array[np.newaxis]
@@ -139,7 +146,7 @@ class Model(abc.ABC):
         ):
             raise InputError(
                 f"input {tensor.name!r} has shape {list(array.shape)} but the model expects {list(tensor.shape)}",
-                "give an array of the model's input shape (see `edge-agent infer --describe`)",
+                "give an array of the model's input shape (see `edge-agent describe MODEL`)",
             )
         if array.dtype == tensor.dtype:
             return np.ascontiguousarray(array)
