@@ -409,3 +409,29 @@ def test_unsigned_commands_are_refused_with_an_ack(tmp_path: Path, broker: Broke
         assert proc.poll() is None
     finally:
         assert stop(proc) == 0
+
+
+def test_tls_with_ca_only_and_wrong_ca_refused(tmp_path: Path, tls_broker: Broker, tls_certs, mqtt_client) -> None:
+    sub = mqtt_client(tls_broker, "edge/#")
+    good = agent_config(
+        tmp_path, f"mqtts://localhost:{tls_broker.tls_port}", mqtt_extra=f'[mqtt.tls]\nca = "{tls_certs.ca}"\n'
+    )
+    proc = start_agent(["run", "--config", str(good)], output_dir=tmp_path)
+    try:
+        sub.wait_for("edge/dev1/results/digits", count=5, timeout=30)
+    finally:
+        assert stop(proc) == 0
+    # the system CAs do not know the test CA: the connection must fail, inference must go on
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    bad = agent_config(bad_dir, f"mqtts://localhost:{tls_broker.tls_port}", "dev9")
+    proc = start_agent(["run", "--config", str(bad), "--results", "json"], output_dir=bad_dir)
+    try:
+        time.sleep(4.0)
+        assert proc.poll() is None
+        assert not [m for m in sub.messages() if m.topic.startswith("edge/dev9/")]
+    finally:
+        assert stop(proc) == 0
+    log = (bad_dir / "stderr.txt").read_text()
+    assert "TLS handshake failed: self-signed certificate" in log  # the reason, not only "unreachable"
+    assert "Client is not connected" not in log  # no unstructured library chatter

@@ -71,6 +71,8 @@ class MqttLink:
         self.rejected_by_broker = 0
         self.last_error: str | None = None
         self.connected_since: float | None = None
+        self._last_diagnosis = -1e9
+        self._diagnosis = "unknown"
         self._client = self._make_client()
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -90,7 +92,6 @@ class MqttLink:
             protocol=mqtt.MQTTv5 if self.mqtt5 else mqtt.MQTTv311,
             clean_session=None if self.mqtt5 else True,
         )
-        client.enable_logger(None)
         username = cfg.username or self.address.username
         password = cfg.password or self.address.password
         if cfg.password_file:
@@ -291,9 +292,40 @@ class MqttLink:
             self._lock.notify_all()
 
     def _on_connect_fail(self, client: Any, userdata: Any) -> None:
-        if self.last_error is None or "refused" not in self.last_error:
-            self.last_error = f"cannot reach broker {self.address.host}:{self.address.port}"
-        log.warning("mqtt broker unreachable, retrying", broker=f"{self.address.host}:{self.address.port}")
+        now = time.monotonic()
+        if now - self._last_diagnosis >= 60.0:  # say why, not only that: once a minute at most
+            self._last_diagnosis = now
+            self._diagnosis = self._diagnose()
+        self.last_error = f"cannot connect to {self.address.host}:{self.address.port}: {self._diagnosis}"
+        log.warning(
+            "mqtt broker unreachable, retrying",
+            broker=f"{self.address.host}:{self.address.port}",
+            reason=self._diagnosis,
+        )
+
+    def _diagnose(self, timeout: float = 3.0) -> str:
+        """Why a connection attempt fails: refused, unresolvable, timed out, or a TLS handshake error."""
+        import socket
+
+        try:
+            sock = socket.create_connection((self.address.host, self.address.port), timeout=timeout)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        try:
+            if self.address.tls or self.config.tls is not None:
+                tls = self.config.tls
+                context = ssl.create_default_context(cafile=tls.ca if tls and tls.ca else None)
+                if tls and tls.cert:
+                    context.load_cert_chain(tls.cert, tls.key)
+                if tls and tls.insecure:
+                    context.check_hostname = False
+                with context.wrap_socket(sock, server_hostname=self.address.host) as tls_sock:
+                    tls_sock.settimeout(timeout)
+            return "TCP and TLS handshake succeed; the broker closed the MQTT connection"
+        except (ssl.SSLError, OSError) as exc:
+            return f"TLS handshake failed: {getattr(exc, 'verify_message', None) or exc}"
+        finally:
+            sock.close()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         was = self.connected
