@@ -335,7 +335,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             "edge-agent: no --config given: running the embedded default (sample models on sample input)",
             file=sys.stderr,
         )
-    daemon = Daemon(config, config_path=args.config, duration=args.duration)
+    def reload_config() -> Any:  # SIGHUP: the file again, with the same command-line overrides
+        fresh = _load_config(args)
+        _apply_overrides(fresh, args)
+        if args.results:
+            fresh.sinks.stdout.format = args.results
+        return fresh
+
+    daemon = Daemon(config, config_path=args.config, duration=args.duration, reload_config=reload_config)
     daemon.install_signal_handlers()
     return daemon.run()
 
