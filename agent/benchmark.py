@@ -35,7 +35,6 @@ def peak_rss_mb() -> float:
 def sample_input(predictor: Predictor, rng: np.random.Generator | None = None) -> Callable[[], Any]:
     """A callable running one prediction on a representative synthetic input."""
     rng = rng or np.random.default_rng(0)
-    golden = predictor.bundle.golden_vectors()
     kind = predictor.kind
     if kind == "image":
         pre = predictor._image
@@ -46,8 +45,9 @@ def sample_input(predictor: Predictor, rng: np.random.Generator | None = None) -
         spec = predictor.input_spec
         window = rng.normal(size=(spec.window, len(spec.channels))).astype(np.float32)  # type: ignore[union-attr]
         return lambda: predictor.predict_window(window)
-    if golden is not None:
-        arrays = [a[:1] for a in golden[0]]
+    golden = predictor.golden_cases()
+    if golden:
+        arrays = golden[0][0]
     else:
         arrays = [_random_tensor(t.concrete_shape(), t.dtype, rng) for t in predictor.model.inputs]
     return lambda: predictor.predict_tensors(arrays)

@@ -87,58 +87,13 @@ def add_board(config: AgentConfig, add: Any) -> None:
 
 def probe_broker(config: AgentConfig, timeout: float = 5.0) -> tuple[bool, str]:
     """Connect once with the configured credentials and TLS: the same CONNACK the daemon would get."""
-    import threading
-
     from agent.mqtt.client import MqttLink
+    from agent.protocol import Topics
 
     assert config.mqtt is not None
-    result: dict[str, Any] = {}
-    done = threading.Event()
-
-    class _NoOutbox:
-        def stats(self) -> dict[str, int]:
-            return {"rows": 0}
-
     try:
-        from agent.protocol import Topics
-
-        link = MqttLink(
-            config.mqtt,
-            config.device_id,
-            Topics.for_device(config.device_id, config.mqtt.topic_prefix),
-            _NoOutbox(),
-            lambda: b"",
-            lambda reason: b"",
-        )  # type: ignore[arg-type]
+        topics = Topics.for_device(config.device_id, config.mqtt.topic_prefix)
+        link = MqttLink(config.mqtt, config.device_id, topics, None, lambda: b"", lambda reason: b"")
     except AgentError as exc:
         return False, str(exc)
-    client = link._client
-    client.will_clear()
-
-    def on_connect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        result["reason"] = reason
-        done.set()
-
-    client.on_connect = on_connect
-    client.on_connect_fail = lambda *_: done.set()
-    address = f"{link.address.host}:{link.address.port}"
-    try:
-        client.connect(link.address.host, link.address.port, keepalive=10)
-    except OSError as exc:
-        return False, f"cannot reach {address}: {exc.strerror or exc} (fix: start the broker or fix [mqtt].broker)"
-    client.loop_start()
-    done.wait(timeout)
-    client.disconnect()
-    client.loop_stop()
-    reason = result.get("reason")
-    if reason is None:
-        return False, f"no answer from {address} within {timeout:g} s (fix: check the broker, port and TLS settings)"
-    if reason.is_failure:
-        return (
-            False,
-            f"{address} refused the connection: {reason} (fix: check username/password or the client certificate)",
-        )
-    return (
-        True,
-        f"{address} accepts this device ({'TLS, ' if link.address.tls or config.mqtt.tls else ''}MQTT {config.mqtt.protocol})",
-    )
+    return link.probe(timeout)

@@ -335,6 +335,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "edge-agent: no --config given: running the embedded default (sample models on sample input)",
             file=sys.stderr,
         )
+
     def reload_config() -> Any:  # SIGHUP: the file again, with the same command-line overrides
         fresh = _load_config(args)
         _apply_overrides(fresh, args)

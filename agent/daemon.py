@@ -298,9 +298,9 @@ class Daemon:
     def status_line(self) -> str:
         parts = []
         for p in self.pipelines.values():
-            snap = p.stats.snapshot()
+            fps = p.stats.rates()[1]  # no latency percentiles for a status line
             b = p.predictor.bundle
-            parts.append(f"{p.name}: {snap['fps_processed']:.1f} fps {b.name} {b.version}")
+            parts.append(f"{p.name}: {fps:.1f} fps {b.name} {b.version}")
         for name in self.pipeline_errors:
             parts.append(f"{name}: FAILED")
         if self.thermal_state != "normal":

@@ -114,15 +114,21 @@ class PipelineStats:
     )  # capture -> result
     infer_ms: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=2048))
     _rate_marks: collections.deque[tuple[float, int, int]] = field(default_factory=lambda: collections.deque(maxlen=64))
+    _marks_lock: threading.Lock = field(default_factory=threading.Lock)  # status, telemetry and capture threads
+
+    def rates(self) -> tuple[float, float]:
+        """(fps in, fps processed) over up to the last minute, from marks taken at each call."""
+        now = time.monotonic()
+        with self._marks_lock:
+            self._rate_marks.append((now, self.captured, self.processed))
+            old = next((m for m in self._rate_marks if now - m[0] <= 60.0 and now - m[0] > 0), None)
+        if old is None:
+            return 0.0, 0.0
+        dt = now - old[0]
+        return (self.captured - old[1]) / dt, (self.processed - old[2]) / dt
 
     def snapshot(self) -> dict[str, Any]:
-        now = time.monotonic()
-        self._rate_marks.append((now, self.captured, self.processed))
-        fps_in = fps_out = 0.0
-        old = next((m for m in self._rate_marks if now - m[0] <= 60.0 and now - m[0] > 0), None)
-        if old is not None:
-            dt = now - old[0]
-            fps_in, fps_out = (self.captured - old[1]) / dt, (self.processed - old[2]) / dt
+        fps_in, fps_out = self.rates()
         return {
             "captured": self.captured,
             "processed": self.processed,
@@ -165,8 +171,8 @@ class Pipeline:
         self.first_result = threading.Event()
         self._windower = self._make_windower(predictor)
         self.failed: str | None = None
-        self._free_fps = 0.0  # processed fps while not throttled
-        self._fps_marks: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)
+        self._free_fps = 0.0  # processed fps when throttling began
+        self._throttled = False
 
     @property
     def predictor(self) -> Predictor:
@@ -262,25 +268,15 @@ class Pipeline:
             self.stats.captured += 1
             now = time.monotonic()
             factor = self.rate_factor()
-            if factor >= 1.0:
-                self._free_fps = self._observed_fps()
+            if factor < 1.0 and not self._throttled:  # throttling begins: remember the rate it lowers
+                self._free_fps = self.stats.rates()[1]
+            self._throttled = factor < 1.0
             if not rate_gate(last_accepted, now, effective_cap(self.config.max_fps, factor, self._free_fps)):
                 self.stats.skipped += 1
                 continue
             last_accepted = now
             if self._pre_q.put(sample, block=not self.source.live, stop=self._stop):
                 self.stats.dropped += 1
-
-    def _observed_fps(self) -> float:
-        now = time.monotonic()
-        marks = self._fps_marks
-        if not marks or now - marks[-1][0] >= 0.5:
-            marks.append((now, self.stats.processed))
-        while len(marks) > 2 and now - marks[0][0] > 10.0:
-            marks.popleft()
-        if len(marks) < 2 or marks[-1][0] - marks[0][0] <= 0:
-            return self._free_fps
-        return (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])
 
     def _pre_loop(self) -> None:
         while True:

@@ -42,7 +42,7 @@ class MqttLink:
         config: MqttConfig,
         device_id: str,
         topics: Topics,
-        outbox: Outbox,
+        outbox: Outbox | None,  # None: a link used only to probe() the broker
         status_online: Callable[[], bytes],
         status_offline: Callable[[str], bytes],
     ) -> None:
@@ -375,6 +375,42 @@ class MqttLink:
                 except Exception:  # inbound data must never take the daemon down
                     log.exception("message handler failed", topic=message.topic)
                 return
+
+    def probe(self, timeout: float = 5.0) -> tuple[bool, str]:
+        """One synchronous connect with this link's credentials and TLS (for `edge-agent check`); no will."""
+        done = threading.Event()
+        answer: dict[str, Any] = {}
+        client = self._client
+        client.will_clear()
+
+        def on_connect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+            answer["reason"] = reason
+            done.set()
+
+        client.on_connect = on_connect
+        client.on_connect_fail = lambda *_: done.set()
+        address = f"{self.address.host}:{self.address.port}"
+        try:
+            client.connect(self.address.host, self.address.port, keepalive=10)
+        except (OSError, ValueError):
+            return False, f"cannot connect to {address}: {self._diagnose()} (fix: start the broker or fix [mqtt])"
+        client.loop_start()
+        done.wait(timeout)
+        client.disconnect()
+        client.loop_stop()
+        reason = answer.get("reason")
+        if reason is None:
+            return (
+                False,
+                f"no answer from {address} within {timeout:g} s (fix: check the broker, port and TLS settings)",
+            )
+        if reason.is_failure:
+            return (
+                False,
+                f"{address} refused the connection: {reason} (fix: check username/password or the client certificate)",
+            )
+        tls = "TLS, " if self.address.tls or self.config.tls else ""
+        return True, f"{address} accepts this device ({tls}MQTT {self.config.protocol})"
 
     def stats(self) -> dict[str, Any]:
         return {

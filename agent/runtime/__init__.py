@@ -1,6 +1,6 @@
 """Runtime backends, registered in one place.
 
-Each backend is one module with ``NAME``, ``FORMATS``, a config model,
+Each backend is one module with ``NAME``, a config model,
 ``probe()`` (version or ``RuntimeUnavailable``) and ``load(path, **options)``.
 A backend whose import fails is logged and skipped, never fatal.
 """
@@ -28,6 +28,8 @@ BACKEND_MODULES = {
     "tflite-runtime": "agent.runtime.tflite_runtime",
     "onnxruntime": "agent.runtime.onnxruntime",
 }
+# What each backend runs, known without importing it (its import may be what fails).
+BACKEND_FORMATS = {"litert": ("tflite",), "tflite-runtime": ("tflite",), "onnxruntime": ("onnx",)}
 FORMAT_SUFFIXES = {".tflite": "tflite", ".onnx": "onnx"}
 
 
@@ -70,10 +72,9 @@ def runtime_report() -> list[RuntimeStatus]:
             mod = backend(name)
             version = mod.probe()
             providers = mod.available_providers() if hasattr(mod, "available_providers") else None
-            report.append(RuntimeStatus(name, mod.FORMATS, True, version, providers=providers))
+            report.append(RuntimeStatus(name, BACKEND_FORMATS[name], True, version, providers=providers))
         except AgentError as exc:
-            formats = ("onnx",) if name == "onnxruntime" else ("tflite",)
-            report.append(RuntimeStatus(name, formats, False, reason=str(exc)))
+            report.append(RuntimeStatus(name, BACKEND_FORMATS[name], False, reason=str(exc)))
     return report
 
 
@@ -92,11 +93,13 @@ def load_model(
         raise ModelLoadError(f"model file {path} does not exist", "check the path")
     fmt = model_format(path)
     if runtime is not None:
+        if runtime not in BACKEND_MODULES:
+            raise AgentError(f"unknown runtime {runtime!r}", f"use one of {', '.join(BACKEND_MODULES)}")
         candidates = [runtime]
-        if fmt not in backend(runtime).FORMATS:
+        if fmt not in BACKEND_FORMATS[runtime]:
             raise ModelLoadError(f"runtime {runtime} cannot run {fmt} models", f"pick a runtime for .{fmt} files")
     else:
-        candidates = [n for n in BACKEND_MODULES if fmt in _formats_of(n)]
+        candidates = [n for n in BACKEND_MODULES if fmt in BACKEND_FORMATS[n]]
     reasons = []
     for name in candidates:
         try:
@@ -115,7 +118,3 @@ def load_model(
         f"no usable runtime for {path.name}: " + "; ".join(reasons),
         "pip install 'edge-agent[litert]'" if fmt == "tflite" else "pip install 'edge-agent[onnx]'",
     )
-
-
-def _formats_of(name: str) -> tuple[str, ...]:
-    return ("onnx",) if name == "onnxruntime" else ("tflite",)

@@ -11,7 +11,6 @@ from agent.errors import RuntimeUnavailable
 from agent.runtime.tflite_common import TFLiteModel, load_with
 
 NAME = "litert"
-FORMATS = ("tflite",)
 
 
 class LiteRTConfig(BaseModel):

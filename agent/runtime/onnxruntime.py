@@ -13,7 +13,6 @@ from agent.errors import InputError, ModelLoadError, RuntimeUnavailable
 from agent.runtime.base import Model, ModelInfo, QuantParams, TensorInfo
 
 NAME = "onnxruntime"
-FORMATS = ("onnx",)
 DEFAULT_PROVIDERS = [
     "TensorrtExecutionProvider",
     "CUDAExecutionProvider",

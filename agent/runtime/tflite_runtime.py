@@ -16,7 +16,6 @@ from agent.errors import RuntimeUnavailable
 from agent.runtime.tflite_common import TFLiteModel, load_with
 
 NAME = "tflite-runtime"
-FORMATS = ("tflite",)
 
 
 class TFLiteRuntimeConfig(BaseModel):
