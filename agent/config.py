@@ -126,6 +126,27 @@ class MqttConfig(_Strict):
         return value
 
 
+class UpdateConfig(_Strict):
+    """``[update]``: signed model updates from the fleet (needs ``[mqtt]``)."""
+
+    enabled: bool = False
+    trust_root: str | None = None  # the fleet's root.json, pinned at provisioning (used until rotated by TUF)
+    hardware_id: str | None = None  # default: the firmware profile id, else the machine type (e.g. x86_64)
+    groups: list[str] = Field(default_factory=list)  # deployment commands for these groups apply to this device
+    chunk_size: int = Field(default=96 * 1024, ge=1024, le=16 * 2**20)  # under the broker's payload limit
+    window: int = Field(default=32, ge=1, le=256)  # chunks in flight
+    request_timeout_s: float = Field(default=5.0, gt=0)
+    max_retries: int = Field(default=8, ge=1)
+    free_space_margin_mb: float = Field(default=64.0, ge=0)
+    latency_runs: int = Field(default=20, ge=1)
+    health_window_s: float = Field(default=60.0, gt=0)
+    health_min_results: int = Field(default=20, ge=0)
+    health_max_error_rate: float = Field(default=0.05, ge=0, le=1)
+    max_clock_skew_s: float = Field(default=300.0, ge=0)
+    retry_after_s: float = Field(default=30.0, gt=0)  # a failed download/refresh is retried after this
+    max_attempts: int = Field(default=3, ge=1)  # per state, across restarts (crash-loop guard)
+
+
 @dataclass(frozen=True)
 class BrokerAddress:
     host: str
@@ -170,6 +191,7 @@ class AgentConfig(_Strict):
     pipelines: dict[str, PipelineConfig] = Field(default_factory=dict)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
     mqtt: MqttConfig | None = None  # no [mqtt] table and no --broker: results stay local
+    update: UpdateConfig = Field(default_factory=UpdateConfig)
 
     @field_validator("sources", "pipelines")
     @classmethod
@@ -192,6 +214,8 @@ class AgentConfig(_Strict):
                     raise ValueError(f"pipelines.{name}.sinks: unknown sink {sink!r} (known: stdout, jsonl)")
                 if sink == "jsonl" and self.sinks.jsonl is None:
                     raise ValueError(f"pipelines.{name}.sinks uses 'jsonl' but [sinks.jsonl] has no path")
+        if self.update.enabled and self.mqtt is None:
+            raise ValueError("[update] is enabled but there is no [mqtt] table: updates come over MQTT")
         return self
 
 
@@ -226,6 +250,8 @@ def parse_config(data: dict[str, Any], source: str = "agent.toml", base_dir: Pat
         for pipe in config.pipelines.values():
             if not Path(pipe.model).is_absolute() and not pipe.model.startswith("sample:"):
                 pipe.model = str((base_dir / pipe.model).resolve())
+        if config.update.trust_root and not Path(config.update.trust_root).is_absolute():
+            config.update.trust_root = str((base_dir / config.update.trust_root).resolve())
     for pipe in config.pipelines.values():
         if pipe.model.startswith("sample:"):
             pipe.model = str(SAMPLES / pipe.model.removeprefix("sample:"))

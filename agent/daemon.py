@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 import sys
 import threading
@@ -54,6 +55,7 @@ class Daemon:
         self.profile: Any = None
         self.temperatures: dict[str, float] = {}
         self.mqtt: Any = None  # MqttService when [mqtt] is configured
+        self.updates: Any = None  # UpdateManager when [update] is enabled
 
     # ---- signals ------------------------------------------------------------------------------
 
@@ -128,7 +130,8 @@ class Daemon:
                 ) from None
         return sinks
 
-    def _open_predictor(self, pipe: PipelineConfig) -> Predictor:
+    def open_predictor(self, pipe: PipelineConfig, model: str | None = None) -> Predictor:
+        """Open a model with the pipeline's runtime settings (and the firmware profile's defaults)."""
         runtime = None if pipe.runtime == "auto" else pipe.runtime
         threads, providers, delegates = pipe.threads, pipe.providers, pipe.delegates
         provider_options = None
@@ -139,7 +142,7 @@ class Daemon:
             delegates = delegates if delegates is not None else (prefs.delegates or None)
             provider_options = prefs.provider_options or None
         return Predictor.open(
-            pipe.model,
+            model or pipe.model,
             runtime=runtime,
             threads=threads,
             providers=providers,
@@ -162,7 +165,8 @@ class Daemon:
         errors: dict[str, str] = {}
         for name, pipe in config.pipelines.items():
             try:
-                predictor = self._open_predictor(pipe)
+                model = self.updates.model_path(name, pipe.model) if self.updates is not None else pipe.model
+                predictor = self.open_predictor(pipe, model)
             except AgentError as exc:
                 errors[name] = str(exc)
                 log.error("pipeline not started: model failed to load", pipeline=name, error=str(exc))
@@ -179,7 +183,10 @@ class Daemon:
                 )
                 log.error("pipeline not started", pipeline=name, error=errors[name])
                 continue
-            pipelines[name] = Pipeline(name, pipe, source, predictor, bus.emitter(pipe.sinks), lambda: self.rate_factor)
+            pipeline = Pipeline(name, pipe, source, predictor, bus.emitter(pipe.sinks), lambda: self.rate_factor)
+            if self.updates is not None:
+                pipeline.observer = functools.partial(self.updates.observe, name)
+            pipelines[name] = pipeline
         return pipelines, errors
 
     def _start(self, config: AgentConfig) -> None:
@@ -222,9 +229,16 @@ class Daemon:
             from agent.mqtt.service import MqttService
 
             self.mqtt = MqttService(self.config, self)
+        if self.config.update.enabled:
+            from agent.update.manager import UpdateManager
+
+            self.updates = UpdateManager(self.config, self)
+            self.updates.prepare()
         self._start(self.config)
         if self.mqtt is not None:
             self.mqtt.start()
+            if self.updates is not None:
+                self.updates.start(self.mqtt)
             for name, error in self.pipeline_errors.items():
                 self.mqtt.event("pipeline_failed", "error", pipeline=name, error=error)
         if not self.pipelines:
@@ -265,6 +279,8 @@ class Daemon:
         finally:
             self.notifier.stopping()
             self.notifier.status("stopping: flushing queued results")
+            if self.updates is not None:
+                self.updates.stop()
             self._shutdown()
             if self.mqtt is not None:
                 self.mqtt.stop("shutdown")

@@ -21,7 +21,7 @@ from agent.benchmark import percentiles
 from agent.bundle import TimeSeriesInput
 from agent.config import PipelineConfig
 from agent.errors import AgentError
-from agent.predictor import Predictor, Prepared
+from agent.predictor import Prediction, Predictor, Prepared
 from agent.processing.timeseries import Windower
 from agent.sources import Sample, Source
 
@@ -173,6 +173,9 @@ class Pipeline:
         self.failed: str | None = None
         self._free_fps = 0.0  # processed fps when throttling began
         self._throttled = False
+        # Called from the inference thread after each inference: (sample, prediction or None, inference ms, error).
+        # The update manager watches the health of a new model through it and feeds its shadow model.
+        self.observer: Callable[[Sample, Prediction | None, float | None, str | None], None] | None = None
 
     @property
     def predictor(self) -> Predictor:
@@ -320,6 +323,8 @@ class Pipeline:
         except AgentError as exc:
             self.stats.errors += 1
             log.warning("inference failed", pipeline=self.name, error=str(exc))
+            if self.observer is not None:
+                self.observer(sample, None, None, str(exc))
             return
         finally:
             self.busy_since = None
@@ -339,6 +344,8 @@ class Pipeline:
         } | prediction.to_dict()
         self.emit(record)
         self.first_result.set()
+        if self.observer is not None:
+            self.observer(sample, prediction, infer_ms, None)
 
     def snapshot(self) -> dict[str, Any]:
         bundle = self._predictor.bundle

@@ -147,3 +147,45 @@ def slow_on_demand(path: Path, width: int = 4) -> Path:
         ],
     )
     return _save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
+def digits_shaped(path: Path, mode: str) -> Path:
+    """Float (1, 32, 32, 1) image -> (1, 10) scores, like the sample digit classifier; ``mode`` makes it bad:
+    ``nan`` returns NaN for every input, ``slow`` spends tens of milliseconds in MatMuls per inference."""
+    inits = [numpy_helper.from_array(np.asarray([1, 1024], dtype=np.int64), "flat")]
+    nodes = [helper.make_node("Reshape", ["image", "flat"], ["x"])]
+    if mode == "nan":
+        inits.append(numpy_helper.from_array(np.zeros((1024, 10), dtype=np.float32), "w"))
+        inits.append(numpy_helper.from_array(np.ones((1, 10), dtype=np.float32), "one"))
+        nodes += [
+            helper.make_node("MatMul", ["x", "w"], ["zeros"]),
+            helper.make_node("Sub", ["zeros", "one"], ["minus_one"]),
+            helper.make_node("Log", ["minus_one"], ["probabilities"]),
+        ]
+    elif mode == "slow":
+        rng = np.random.default_rng(0)
+        inits += [
+            numpy_helper.from_array(np.asarray([384, 1024], dtype=np.int64), "rows"),
+            numpy_helper.from_array((rng.standard_normal((1024, 1024)) / 32).astype(np.float32), "big"),
+            numpy_helper.from_array((rng.standard_normal((1024, 10)) / 32).astype(np.float32), "head"),
+            numpy_helper.from_array(np.asarray([0], dtype=np.int64), "axis0"),
+        ]
+        nodes += [
+            helper.make_node("Expand", ["x", "rows"], ["wide"]),
+            helper.make_node("MatMul", ["wide", "big"], ["h1"]),
+            helper.make_node("MatMul", ["h1", "big"], ["h2"]),
+            helper.make_node("MatMul", ["h2", "big"], ["h3"]),
+            helper.make_node("ReduceMean", ["h3", "axis0"], ["pooled"], keepdims=1),
+            helper.make_node("MatMul", ["pooled", "head"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+        ]
+    else:
+        raise ValueError(mode)
+    graph = helper.make_graph(
+        nodes,
+        f"digits_{mode}",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 32, 32, 1])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, 10])],
+        inits,
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), path)

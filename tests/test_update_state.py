@@ -462,7 +462,7 @@ def test_history_is_bounded() -> None:
         state = recover(state, float(i), max_attempts=10_000)
     assert len(state.history) == HISTORY_LIMIT
     assert state.history[-1].at == 199.0
-    assert state.attempts_in("downloading") == 202
+    assert state.attempts_in("downloading") == 201  # the first recovery saw progress (10 bytes): counting restarted
 
 
 def test_chain_accepts_tuples() -> None:
@@ -630,3 +630,17 @@ def test_crashes_anywhere_always_end_or_continue_validly(moves: list[str]) -> No
             state = transition(state, plan[state.state], float(step))
         assert invariant_errors(state) == []
         assert all(count <= 3 for _, count in state.attempts), state.attempts
+
+
+def test_download_resumed_with_progress_is_never_a_loop() -> None:
+    state = READY["downloading"]
+    for i in range(1, 10):
+        state = transition(state, Progress(min(i * 10, state.target.length)), float(i))
+        state = recover(state, float(i))
+        assert state.state == "downloading", state.reason
+        assert state.attempts_in("downloading") == 1
+    # without progress the guard applies again
+    for i in range(3):
+        state = recover(state, 100.0 + i)
+    assert (state.state, state.reason) == ("failed", "state loop in downloading")
+    assert not invariant_errors(state)

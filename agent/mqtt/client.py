@@ -135,9 +135,22 @@ class MqttLink:
             client.tls_insecure_set(True)
 
     def subscribe(self, topic_filter: str, handler: MessageHandler) -> None:
-        """Route messages on ``topic_filter`` to ``handler`` (re-subscribed on every reconnect)."""
-        self._handlers[topic_filter] = handler
-        self._subscriptions.append(topic_filter)
+        """Route messages on ``topic_filter`` to ``handler`` (subscribed now when connected, and on every reconnect)."""
+        with self._lock:
+            self._handlers[topic_filter] = handler
+            if topic_filter not in self._subscriptions:
+                self._subscriptions.append(topic_filter)
+        if self.connected:
+            self._client.subscribe(topic_filter, qos=1)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Stop routing ``topic_filter`` (and tell the broker when connected)."""
+        with self._lock:
+            self._handlers.pop(topic_filter, None)
+            if topic_filter in self._subscriptions:
+                self._subscriptions.remove(topic_filter)
+        if self.connected:
+            self._client.unsubscribe(topic_filter)
 
     def on_connected(self, hook: Callable[[], None]) -> None:
         self._on_connect_hooks.append(hook)
@@ -280,7 +293,7 @@ class MqttLink:
         log.info("mqtt connected", broker=f"{self.address.host}:{self.address.port}", reconnects=self.reconnects)
         info = client.publish(self.topics.status, self._status_online(), qos=1, retain=True)
         self._note_direct(info.mid)
-        for topic_filter in self._subscriptions:
+        for topic_filter in list(self._subscriptions):
             client.subscribe(topic_filter, qos=1)
         for hook in self._on_connect_hooks:
             try:
@@ -368,7 +381,7 @@ class MqttLink:
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         import paho.mqtt.client as mqtt
 
-        for topic_filter, handler in self._handlers.items():
+        for topic_filter, handler in list(self._handlers.items()):
             if mqtt.topic_matches_sub(topic_filter, message.topic):
                 try:
                     handler(message)

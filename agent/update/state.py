@@ -120,6 +120,7 @@ class UpdateState:
     rollback_allowed: bool = False
     validated: bool = False
     needs_slot_check: bool = False
+    progress_mark: int = 0  # progress when downloading was last (re)entered: a resume that made progress is no loop
 
     def __post_init__(self) -> None:
         for error in invariant_errors(self):
@@ -540,13 +541,19 @@ def recover(state: UpdateState, now: float, max_attempts: int = DEFAULT_MAX_ATTE
       still active: rolled_back). ``Activate`` is not accepted again in activating.
     * trial -> trial (the health window restarts at ``now``); a crash in trial counts against health.
     * loop guard (Mender's save-counter guard, per state): the resumed state is re-entered, and entering the same
-      state more than ``max_attempts`` times ends the update: ``failed("state loop in X")`` before activation,
+      state more than ``max_attempts`` times ends the update (a download that made progress since it was last
+      entered starts counting again: resuming it is progress, not a loop): ``failed("state loop in X")`` before activation,
       ``rolled_back("state loop in activating")`` / ``rolled_back("crash loop in trial")`` once the candidate may be
       active. With the default 3: the third crash-restart in trial rolls back.
     """
     if state.terminal:
         return state
     target = RECOVERY_TARGET[state.state]
+    if target == "downloading" and state.progress > state.progress_mark:
+        # Bytes arrived since the last start: a resumable download interrupted by restarts is not a crash loop.
+        counts = dict(state.attempts)
+        counts.pop("downloading", None)
+        state = replace(state, attempts=tuple(sorted(counts.items())), progress_mark=state.progress)
     if state.attempts_in(target) >= max_attempts:
         if target == "trial":
             return _enter(state, "rolled_back", now, "crash loop in trial")

@@ -1,0 +1,705 @@
+"""The update shell: signed deployment commands in, verified bytes down, validated models hot-swapped in.
+
+Every decision is made by pure code (``commands.verify_deploy``, ``tuf.ngclient``, ``state.transition`` /
+``state.recover`` / ``decide_offer``, ``ChunkPlan``, ``validate``'s checks, ``HealthWindow``); this module does the
+I/O around them: MQTT, files, slots, the running pipelines. Each state is persisted before the action it names is
+taken, so ``kill -9`` at any instant resumes (``recover``) with a working model active.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from agent.bundle import load_bundle
+from agent.errors import AgentError
+from agent.protocol import ProtocolError, encode
+from agent.protocol.update import (
+    DeployCommand,
+    SignedEnvelope,
+    UpdateStatus,
+    deploy_topic,
+    parse_deploy_command,
+    parse_envelope,
+    update_status_topic,
+)
+from agent.update import health as health_rules
+from agent.update.commands import CommandRejected, verify_deploy
+from agent.update.fetcher import ChunkDownload, MqttMetadataFetcher, TransferError
+from agent.update.shadow import ShadowTally, frame_agreement
+from agent.update.slots import SlotStore
+from agent.update.state import (
+    Activate,
+    Activated,
+    ActivationFailed,
+    Downloaded,
+    Fail,
+    HealthVerdict,
+    Offer,
+    Progress,
+    Reject,
+    ShadowResult,
+    StartDownload,
+    StartShadow,
+    StartValidation,
+    UpdateState,
+    ValidationFailed,
+    ValidationPassed,
+    decide_offer,
+    new_update,
+    recover,
+    transition,
+)
+from agent.update.store import UpdateStore
+from agent.update.trust import (
+    RepositoryUnavailable,
+    TrustClient,
+    UntrustedMetadata,
+    install_trust_root,
+)
+from agent.update.validate import validate_bundle
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
+    from agent.daemon import Daemon
+    from agent.predictor import Prediction, Predictor
+    from agent.sources import Sample
+
+log = structlog.get_logger(__name__)
+COMMAND_FILE = "command.json"
+STOP = object()
+
+
+@dataclass
+class _Trial:
+    """A model in its health window; ``previous`` is kept open for an instant rollback."""
+
+    window: health_rules.HealthWindow
+    previous: Predictor | None
+
+
+@dataclass
+class _Shadow:
+    candidate: Predictor
+    tally: ShadowTally
+    frames: queue.Queue[tuple[Any, dict[str, Any]]]
+
+
+class UpdateManager:
+    """Per device: one worker thread applying deployments one at a time, per pipeline A/B slots and state."""
+
+    def __init__(self, config: AgentConfig, daemon: Daemon) -> None:
+        self.config, self.cfg, self.daemon = config, config.update, daemon
+        self.state_dir = Path(config.state_dir)
+        self.dir = self.state_dir / "updates"
+        self.slots = {name: SlotStore(self.state_dir, name) for name in config.pipelines}
+        self.stores = {name: UpdateStore(self.dir / f"{name}.json") for name in config.pipelines}
+        self._candidates: dict[str, Predictor] = {}
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._trials: dict[str, _Trial] = {}
+        self._shadows: dict[str, _Shadow] = {}
+        self._lock = threading.Lock()
+        self.mqtt: Any = None
+        self.trust: TrustClient | None = None
+        self.hardware_id = self.cfg.hardware_id or platform.machine()
+        self._pending_reports: list[bytes] = []
+        self._last_rejection_log = 0.0
+
+    # ---- start-up (before the pipelines are built) ------------------------------------------------
+
+    def prepare(self) -> None:
+        """Recover slots and interrupted updates, install the configured models as the initial ones."""
+        install_trust_root(self.dir / "tuf", Path(self.cfg.trust_root) if self.cfg.trust_root else None)
+        if self.daemon.profile is not None and not self.cfg.hardware_id:
+            self.hardware_id = self.daemon.profile.id
+        for name, pipe in self.config.pipelines.items():
+            slots = self.slots[name]
+            slots.recover()
+            if slots.active_path() is None:
+                try:
+                    slots.install_initial(pipe.model)
+                except AgentError as exc:
+                    log.error("initial model not installed in the update slots", pipeline=name, error=str(exc))
+                    continue
+                active = slots.active_path()
+                if active is not None:
+                    self.stores[name].record_committed(load_bundle(active).version)
+            self._recover_update(name)
+
+    def model_path(self, name: str, configured: str) -> str:
+        """What pipeline ``name`` runs: its active slot (the configured model is only the initial one)."""
+        slots = self.slots.get(name)
+        active = slots.active_path() if slots is not None else None
+        return str(active) if active is not None else configured
+
+    def _recover_update(self, name: str) -> None:
+        store = self.stores[name]
+        state = store.load()
+        if state is None or state.terminal:
+            return
+        now = time.time()
+        resumed = recover(state, now, self.cfg.max_attempts)
+        if resumed is not state:
+            self._save(name, resumed)
+        if resumed.state == "activating":  # killed around the symlink switch: look where it points
+            if self._active_is_candidate(name, resumed):
+                self._save(name, transition(resumed, Activated(), time.time()))
+            else:
+                self._save(
+                    name, transition(resumed, ActivationFailed("agent restarted before the switch"), time.time())
+                )
+        current = store.load()
+        if current is not None and current.state == "rolled_back" and self._active_is_candidate(name, current):
+            self.slots[name].rollback()
+            log.warning("update rolled back after restart", pipeline=name, reason=current.reason)
+        if current is not None and current.terminal:
+            self._cleanup(name, current)
+
+    def _active_is_candidate(self, name: str, state: UpdateState) -> bool:
+        active = self.slots[name].active_path()
+        if active is None:
+            return False
+        try:
+            bundle = load_bundle(active)
+        except AgentError:
+            return False
+        return bundle.name == state.target.name and bundle.version == state.target.version
+
+    # ---- running ----------------------------------------------------------------------------------
+
+    def start(self, mqtt: Any) -> None:
+        """Subscribe to deployments and resume what was interrupted."""
+        self.mqtt = mqtt
+        fetcher = MqttMetadataFetcher(mqtt.link, mqtt.topics, timeout_s=self.cfg.request_timeout_s)
+        self.trust = TrustClient(self.dir / "tuf", fetcher)
+        for report in self._pending_reports:
+            self.mqtt.link.publish_durable(update_status_topic(self.mqtt.topics), report, priority="critical")
+        self._pending_reports.clear()
+        mqtt.link.subscribe(deploy_topic(mqtt.topics), self._on_deploy)
+        self._thread = threading.Thread(target=self._worker, name="updates", daemon=True)
+        self._thread.start()
+        for name in self.config.pipelines:
+            state = self.stores[name].load()
+            if state is not None and not state.terminal:
+                self._queue.put(("resume", name))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._queue.put(STOP)
+        if self._thread is not None:
+            self._thread.join(10)
+        for shadow in self._shadows.values():
+            shadow.candidate.close()
+        self._shadows.clear()
+
+    def _on_deploy(self, message: Any) -> None:
+        if not message.payload:
+            return  # a cleared retained command
+        self._queue.put(("deploy", bytes(message.payload)))
+
+    def _worker(self) -> None:
+        while not self._stop.is_set():
+            item = self._queue.get()
+            if item is STOP:
+                return
+            kind, value = item
+            try:
+                if kind == "deploy":
+                    self._handle_deploy(value)
+                else:
+                    self._resume(value)
+            except Exception:  # an update bug must never take the daemon down
+                log.exception("update step failed")
+
+    # ---- commands ---------------------------------------------------------------------------------
+
+    def _handle_deploy(self, payload: bytes) -> None:
+        try:
+            envelope = parse_envelope(payload, "deployment command")
+        except ProtocolError as exc:
+            self._report_unbound("rejected", str(exc), envelope_id=None)
+            return
+        signed_id = str(envelope.signed.get("id", "unknown"))[:128]
+        last = self._last_command()
+        if envelope.signed.get("seq") == last.get("seq") and signed_id == last.get("id"):
+            return  # the retained command we already handled, delivered again on reconnect
+        assert self.trust is not None
+        try:
+            self.trust.refresh()
+        except RepositoryUnavailable as exc:
+            self._report_unbound("failed", str(exc), envelope_id=signed_id, signed=envelope.signed)
+            return
+        except UntrustedMetadata as exc:
+            self._report_unbound("rejected", str(exc), envelope_id=signed_id, signed=envelope.signed)
+            return
+        try:
+            command = verify_deploy(
+                envelope,
+                self.trust.command_keys(),
+                device_id=self.config.device_id,
+                groups=set(self.cfg.groups),
+                last_seq=int(last.get("seq") or 0),
+                now=time.time(),
+                max_clock_skew_s=self.cfg.max_clock_skew_s,
+            )
+        except CommandRejected as exc:
+            self._report_unbound("rejected", f"command refused: {exc}", envelope_id=signed_id, signed=envelope.signed)
+            return
+        self._remember_command(command)
+        if command.pipeline not in self.config.pipelines:
+            self._report_unbound(
+                "rejected",
+                f"no pipeline named {command.pipeline!r} on this device",
+                envelope_id=signed_id,
+                signed=envelope.signed,
+            )
+            return
+        current = self.stores[command.pipeline].load()
+        if current is not None and not current.terminal:
+            self._report_unbound(
+                "rejected",
+                f"update {current.update_id} is still {current.state} on pipeline {command.pipeline}",
+                envelope_id=signed_id,
+                signed=envelope.signed,
+            )
+            return
+        try:
+            trusted = self.trust.target(command.target)
+        except (UntrustedMetadata, RepositoryUnavailable) as exc:
+            self._report_unbound("rejected", str(exc), envelope_id=signed_id, signed=envelope.signed)
+            return
+        name = command.pipeline
+        running = self._running_version(name)
+        offer = Offer(f"{command.id}/{command.seq}", trusted.target, running, rollback_allowed=command.rollback)
+        state = new_update(offer, time.time(), current)
+        self._write_command(name, envelope, command)
+        self._save(name, state)
+        accepted, reason = decide_offer(
+            running,
+            self.hardware_id,
+            trusted.target.version,
+            list(trusted.target.hardware),
+            command.rollback,
+            set(self.stores[name].ran_versions()),
+        )
+        if not accepted:
+            self._step(name, state, Reject(reason or "refused"))
+            return
+        self._run(name, command)
+
+    def _running_version(self, name: str) -> str:
+        pipeline = self.daemon.pipelines.get(name)
+        if pipeline is not None:
+            return pipeline.predictor.bundle.version
+        active = self.slots[name].active_path()
+        try:
+            return load_bundle(active).version if active is not None else ""
+        except AgentError:
+            return ""
+
+    def _last_command(self) -> dict[str, Any]:
+        path = self.dir / "last-command.json"
+        try:
+            data = json.loads(path.read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _remember_command(self, command: DeployCommand) -> None:
+        _atomic_json(self.dir / "last-command.json", {"seq": command.seq, "id": command.id})
+
+    def _write_command(self, name: str, envelope: SignedEnvelope, command: DeployCommand) -> None:
+        _atomic_json(self.dir / f"{name}.{COMMAND_FILE}", envelope.model_dump())
+
+    def _read_command(self, name: str) -> DeployCommand | None:
+        try:
+            data = json.loads((self.dir / f"{name}.{COMMAND_FILE}").read_text())
+            return parse_deploy_command(data["signed"])
+        except (OSError, ValueError, KeyError, TypeError, ProtocolError):
+            return None
+
+    # ---- the update, step by step -------------------------------------------------------------------
+
+    def _resume(self, name: str) -> None:
+        state = self.stores[name].load()
+        if state is None or state.terminal:
+            return
+        hold = _fault_hold(state.state)
+        if hold:
+            log.warning("fault injection: holding in resumed state", state=state.state, seconds=hold)
+            if self._stop.wait(hold):
+                return
+        self._run(name, None)
+
+    def _run(self, name: str, command: DeployCommand | None) -> None:
+        state = self.stores[name].load()
+        if state is None or state.terminal:
+            return
+        command = command or self._read_command(name)
+        try:
+            if state.state == "offered":
+                state = self._step(name, state, StartDownload())
+            if state.state == "downloading":
+                state = self._download(name, state)
+            if state.state == "downloaded":
+                state = self._validate(name, state, command)
+            if state.state in ("validating", "shadow"):
+                state = self._activate(name, state)
+            if state.state == "trial":
+                self._begin_trial(name, state, command)
+                return
+        except _Interrupted:
+            return
+        if state.terminal:
+            self._cleanup(name, state)
+
+    def _download(self, name: str, state: UpdateState) -> UpdateState:
+        slots, target = self.slots[name], state.target
+        try:
+            slots.ensure_free_space(2 * target.length, int(self.cfg.free_space_margin_mb * 2**20))
+        except AgentError as exc:
+            return self._step(name, state, Fail(str(exc)))
+        download = ChunkDownload(
+            self.mqtt.link,
+            self.mqtt.topics,
+            slots.download_path(target.sha256),
+            target.sha256,
+            target.length,
+            self.cfg.chunk_size,
+            window=self.cfg.window,
+            timeout_s=self.cfg.request_timeout_s,
+            max_retries=self.cfg.max_retries,
+        )
+        box = [state]
+        last_report = [0.0]
+
+        def progress(received: int) -> None:
+            now = time.monotonic()
+            if now - last_report[0] >= 2.0:
+                last_report[0] = now
+                box[0] = self._step(name, box[0], Progress(received))
+
+        try:
+            path = download.run(self._stop, progress)
+        except TransferError as exc:
+            if self._stop.is_set():
+                raise _Interrupted() from None
+            return self._step(name, box[0], Fail(f"download failed: {exc.problem}"))
+        state = box[0]
+        if not slots.verify_download(target.sha256, target.length):
+            download.discard()
+            return self._step(name, state, Downloaded(sha_ok=False))
+        log.info("target downloaded", pipeline=name, target=target.name, version=target.version, path=str(path))
+        return self._step(name, state, Downloaded(sha_ok=True))
+
+    def _validate(self, name: str, state: UpdateState, command: DeployCommand | None) -> UpdateState:
+        state = self._step(name, state, StartValidation())
+        slots, target = self.slots[name], state.target
+        try:
+            slot_path = slots.stage(slots.download_path(target.sha256))
+        except AgentError as exc:
+            return self._step(name, state, ValidationFailed(f"bundle unusable: {exc.problem}"))
+        bundle = load_bundle(slot_path)
+        if bundle.name != target.name or bundle.version != target.version:
+            return self._step(
+                name,
+                state,
+                ValidationFailed(
+                    f"bundle is {bundle.name} {bundle.version} but the signed target is {target.name} {target.version}"
+                ),
+            )
+        pipeline = self.daemon.pipelines.get(name)
+        current = pipeline.predictor if pipeline is not None else None
+        pipe = self.config.pipelines[name]
+        report = validate_bundle(
+            slot_path,
+            current=current,
+            threads=pipe.threads or 1,
+            latency_runs=self.cfg.latency_runs,
+            providers=pipe.providers,
+        )
+        if not report.ok:
+            return self._step(name, state, ValidationFailed(report.reason or "validation failed"))
+        state = self._step(name, state, ValidationPassed())
+        self._candidates[name] = report.predictor
+        if command is not None and command.shadow_frames > 0 and pipeline is not None:
+            state = self._step(name, state, StartShadow())
+            agreement = self._shadow(name, report.predictor, command)
+            if agreement is None:
+                raise _Interrupted()
+            state = self._step(name, state, ShadowResult(agreement, command.shadow_agreement))
+            if state.terminal:
+                self._candidates.pop(name).close()
+        return state
+
+    def _shadow(self, name: str, candidate: Predictor, command: DeployCommand) -> float | None:
+        tally = ShadowTally(command.shadow_frames, command.shadow_agreement)
+        shadow = _Shadow(candidate, tally, queue.Queue(maxsize=2))
+        self._shadows[name] = shadow
+        task = candidate.bundle.metadata.task
+        try:
+            while not tally.done:
+                if self._stop.is_set():
+                    return None
+                try:
+                    data, main_result = shadow.frames.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                try:
+                    if candidate.kind == "timeseries":
+                        result = candidate.predict_window(data).result
+                    elif candidate.kind == "image":
+                        result = candidate.predict_image(data).result
+                    else:
+                        result = candidate.predict_tensors([data]).result
+                except AgentError:
+                    tally.add(0.0)
+                    continue
+                tally.add(frame_agreement(task, main_result, result))
+        finally:
+            self._shadows.pop(name, None)
+        return tally.agreement
+
+    def _activate(self, name: str, state: UpdateState) -> UpdateState:
+        candidate = self._candidates.pop(name, None)
+        if candidate is None:  # resumed after a restart between validation and activation
+            return self._step(name, state, Fail("validated model lost in a restart"))
+        state = self._step(name, state, Activate())
+        slots = self.slots[name]
+        old_slot = slots.active_slot()
+        try:
+            slots.activate(slots.inactive_slot())
+        except AgentError as exc:
+            candidate.close()
+            return self._step(name, state, ActivationFailed(exc.problem))
+        pipeline = self.daemon.pipelines.get(name)
+        previous = pipeline.swap_predictor(candidate) if pipeline is not None else None
+        log.info("model activated", pipeline=name, version=state.target.version, previous_slot=old_slot)
+        state = self._step(name, state, Activated())
+        self._announce_models()
+        self._trials[name] = _Trial(self._health_window(name, pipeline), previous)
+        return state
+
+    def _health_window(self, name: str, pipeline: Any) -> health_rules.HealthWindow:
+        baseline = None
+        if pipeline is not None:
+            baseline = pipeline.stats.snapshot()["inference_ms"].get("p95") or None
+        budget = None
+        if pipeline is not None:
+            budget = pipeline.predictor.bundle.metadata.budget.latency_ms
+        policy = health_rules.HealthPolicy(
+            window_s=self._trial_window(name),
+            min_results=self.cfg.health_min_results,
+            max_error_rate=self.cfg.health_max_error_rate,
+        )
+        return health_rules.HealthWindow(policy, time.monotonic(), baseline, budget)
+
+    def _trial_window(self, name: str) -> float:
+        command = self._read_command(name)
+        if command is not None and command.health_window_s:
+            return command.health_window_s
+        return self.cfg.health_window_s
+
+    def _begin_trial(self, name: str, state: UpdateState, command: DeployCommand | None) -> None:
+        if name not in self._trials:  # resumed after a restart: the health window starts again
+            pipeline = self.daemon.pipelines.get(name)
+            self._trials[name] = _Trial(self._health_window(name, pipeline), None)
+        threading.Thread(target=self._watch_trial, args=(name,), name=f"trial-{name}", daemon=True).start()
+
+    def _watch_trial(self, name: str) -> None:
+        while not self._stop.wait(0.25):
+            trial = self._trials.get(name)
+            if trial is None:
+                return
+            with self._lock:
+                verdict = trial.window.verdict(time.monotonic())
+            if verdict.ok is None:
+                continue
+            self._finish_trial(name, trial, verdict.ok, verdict.reason)
+            return
+
+    def _finish_trial(self, name: str, trial: _Trial, ok: bool, reason: str | None) -> None:
+        self._trials.pop(name, None)
+        state = self.stores[name].load()
+        if state is None or state.state != "trial":
+            return
+        state = self._step(name, state, HealthVerdict(ok, reason))
+        pipeline = self.daemon.pipelines.get(name)
+        if state.state == "committed":
+            self.stores[name].record_committed(state.target.version)
+            if trial.previous is not None:
+                trial.previous.close()
+            log.info("update committed", pipeline=name, version=state.target.version)
+        else:
+            self._roll_back(name, pipeline, trial.previous)
+            log.warning("update rolled back", pipeline=name, reason=state.reason)
+        self._cleanup(name, state)
+        self._announce_models()
+
+    def _roll_back(self, name: str, pipeline: Any, previous: Predictor | None) -> None:
+        try:
+            path = self.slots[name].rollback()
+        except AgentError as exc:
+            log.error("rollback impossible", pipeline=name, error=str(exc))
+            return
+        if pipeline is None:
+            return
+        if previous is None:
+            try:
+                previous = self.daemon.open_predictor(self.config.pipelines[name], str(path))
+            except AgentError as exc:
+                log.error("previous model does not load", pipeline=name, error=str(exc))
+                return
+        pipeline.swap_predictor(previous).close()
+
+    # ---- the pipelines' observer (inference thread) ------------------------------------------------------
+
+    def observe(
+        self, name: str, sample: Sample, prediction: Prediction | None, infer_ms: float | None, error: str | None
+    ) -> None:
+        trial = self._trials.get(name)
+        if trial is not None:
+            finite = prediction is None or _all_finite(prediction.result)
+            with self._lock:
+                trial.window.observe(time.monotonic(), error is None, infer_ms, finite)
+        shadow = self._shadows.get(name)
+        if shadow is not None and prediction is not None:
+            with contextlib.suppress(queue.Full):
+                shadow.frames.put_nowait((sample.data, prediction.result))
+
+    # ---- persistence and reporting ----------------------------------------------------------------
+
+    def _step(self, name: str, state: UpdateState, event: Any) -> UpdateState:
+        new = transition(state, event, time.time())
+        self._save(name, new)
+        return new
+
+    def _save(self, name: str, state: UpdateState) -> None:
+        self.stores[name].save(state)
+        self._report(name, state)
+        hold = _fault_hold(state.state) if self.mqtt is not None else 0.0  # at start-up: held in resume
+        if hold:
+            log.warning("fault injection: holding in state", state=state.state, seconds=hold)
+            self._stop.wait(hold)
+
+    def _report(self, name: str, state: UpdateState) -> None:
+        command = self._read_command(name)
+        status = UpdateStatus(
+            device_id=self.config.device_id,
+            ts=round(time.time(), 3),
+            update_id=state.update_id,
+            step=state.save_counter,
+            command_id=command.id if command else None,
+            seq=command.seq if command else None,
+            pipeline=name,
+            state=state.state,  # type: ignore[arg-type]
+            reason=state.reason,
+            target=command.target if command else None,
+            name=state.target.name,
+            version=state.target.version,
+            from_version=state.from_version or None,
+            progress=state.progress,
+            total=state.target.length,
+            agreement=state.agreement,
+            running=self._running_version(name) or None,
+        )
+        log.info("update state", pipeline=name, state=state.state, reason=state.reason, version=state.target.version)
+        self._publish(encode(status))
+
+    def _report_unbound(
+        self, state: str, reason: str, envelope_id: str | None, signed: dict[str, Any] | None = None
+    ) -> None:
+        """A command refused before it became an update of a pipeline (no persisted state to attach it to)."""
+        signed = signed or {}
+        now = time.monotonic()
+        if now - self._last_rejection_log >= 1.0:
+            self._last_rejection_log = now
+            log.warning("deployment command refused", state=state, reason=reason)
+        pipeline = signed.get("pipeline") if isinstance(signed.get("pipeline"), str) else None
+        status = {
+            "v": 1,
+            "device_id": self.config.device_id,
+            "ts": round(time.time(), 3),
+            "update_id": f"{envelope_id or 'unknown'}/{signed.get('seq', 0)}",
+            "command_id": envelope_id,
+            "pipeline": pipeline if pipeline in self.config.pipelines else next(iter(self.config.pipelines)),
+            "state": state,
+            "reason": reason[:500],
+            "target": signed.get("target") if isinstance(signed.get("target"), str) else None,
+        }
+        self._publish(encode({k: v for k, v in status.items() if v is not None}))
+
+    def _publish(self, payload: bytes) -> None:
+        if self.mqtt is None:
+            self._pending_reports.append(payload)
+            return
+        self.mqtt.link.publish_durable(update_status_topic(self.mqtt.topics), payload, priority="critical")
+
+    def _announce_models(self) -> None:
+        if self.mqtt is not None:
+            self.mqtt.link.publish_now(self.mqtt.topics.status, self.mqtt.status_online(), qos=1, retain=True)
+
+    def _cleanup(self, name: str, state: UpdateState) -> None:
+        """A finished update leaves no download behind (the slots keep the previous model for rollback)."""
+        try:
+            path = self.slots[name].download_path(state.target.sha256)
+        except AgentError:
+            return
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".chunks").unlink(missing_ok=True)
+
+
+def _fault_hold(state: str) -> float:
+    """Test hook (Mender-style kill-in-every-state tests): ``EDGE_AGENT_FAULT_HOLD="validating,trial:5"`` makes the
+    agent wait 5 s right after persisting each named state, so a test can ``kill -9`` it exactly there."""
+    spec = os.environ.get("EDGE_AGENT_FAULT_HOLD", "")
+    if not spec or ":" not in spec:
+        return 0.0
+    states, _, seconds = spec.rpartition(":")
+    try:
+        return float(seconds) if state in states.split(",") else 0.0
+    except ValueError:
+        return 0.0
+
+
+class _Interrupted(Exception):
+    """The agent is stopping: leave the persisted state as it is (it resumes on the next start)."""
+
+
+def _all_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(v) for v in value)
+    return True
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
