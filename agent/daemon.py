@@ -56,6 +56,7 @@ class Daemon:
         self.temperatures: dict[str, float] = {}
         self.mqtt: Any = None  # MqttService when [mqtt] is configured
         self.updates: Any = None  # UpdateManager when [update] is enabled
+        self.exit_code = 0
 
     # ---- signals ------------------------------------------------------------------------------
 
@@ -64,7 +65,9 @@ class Daemon:
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self._reload.set())
 
-    def request_stop(self) -> None:
+    def request_stop(self, exit_code: int = 0) -> None:
+        """Stop the daemon; ``run()`` then returns ``exit_code`` (75: restart requested, systemd starts it again)."""
+        self.exit_code = exit_code
         self._stop.set()
 
     def request_reload(self) -> None:
@@ -284,8 +287,8 @@ class Daemon:
             self._shutdown()
             if self.mqtt is not None:
                 self.mqtt.stop("shutdown")
-        log.info("agent stopped")
-        return 0
+        log.info("agent stopped", exit_code=self.exit_code)
+        return self.exit_code
 
     def healthy(self) -> bool:
         """Watchdog condition: every running pipeline is alive and no inference is stuck."""

@@ -140,7 +140,7 @@ class UpdateHistory(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(sa.String(128), _device_fk(), index=True)
     update_id: Mapped[str] = mapped_column(sa.String(128), index=True)
-    command_id: Mapped[str | None] = mapped_column(sa.String(128))
+    command_id: Mapped[str | None] = mapped_column(sa.String(128), index=True)
     seq: Mapped[int | None] = mapped_column(sa.BigInteger)
     pipeline: Mapped[str] = mapped_column(sa.String(64))
     state: Mapped[str] = mapped_column(sa.String(32))
@@ -1212,6 +1212,20 @@ class Registry:
         with self._read() as conn:
             row = conn.execute(sa.select(rollouts_t).where(rollouts_t.c.id == id)).mappings().first()
         return dict(row) if row is not None else None
+
+    def latest_update_states(self, command_id: str) -> dict[str, dict[str, Any]]:
+        """Per device, the newest update state (by device time) reported for deployments with this command id."""
+        u = updates_t
+        stmt = (
+            sa.select(u.c.device_id, u.c.state, u.c.reason, u.c.ts, u.c.version)
+            .where(u.c.command_id == command_id)
+            .order_by(u.c.device_id, u.c.ts, u.c.id)
+        )
+        latest: dict[str, dict[str, Any]] = {}
+        with self._read() as conn:
+            for row in conn.execute(stmt).mappings():
+                latest[row["device_id"]] = dict(row)
+        return latest
 
     def list_rollouts(self, status: str | None = None) -> list[dict[str, Any]]:
         """Rollouts, newest first, optionally only those with one status."""

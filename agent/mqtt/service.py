@@ -16,11 +16,12 @@ from agent import __version__
 from agent.config import AgentConfig, MqttConfig
 from agent.mqtt import discovery
 from agent.mqtt.client import MqttLink
+from agent.mqtt.commands import CommandHandler
 from agent.mqtt.outbox import Outbox
 from agent.mqtt.outbox_policy import OutboxLimits
 from agent.mqtt.predict import PredictHandler, TokenBucket
 from agent.mqtt.result_policy import ResultGate
-from agent.protocol import EventPayload, ModelRef, ProtocolError, StatusPayload, Topics, encode, parse_json_object
+from agent.protocol import EventPayload, ModelRef, StatusPayload, Topics, encode
 
 if TYPE_CHECKING:
     from agent.daemon import Daemon
@@ -49,7 +50,8 @@ class MqttService:
         self.predict = PredictHandler(self)
         self.oversize_results = 0
         self.link.subscribe(self.topics.predict, self.predict.on_message)
-        self.link.subscribe(self.topics.commands, self._on_command)
+        self.commands = CommandHandler(self)
+        self.link.subscribe(self.topics.commands, self.commands.on_message)
         self._ack_bucket = TokenBucket(10.0, 20, time.monotonic())
         if self.mqtt.home_assistant.enabled:
             self.link.subscribe(f"{self.mqtt.home_assistant.discovery_prefix}/status", self._on_ha_status)
@@ -209,19 +211,25 @@ class MqttService:
 
     # ---- commands -------------------------------------------------------------------------------
 
-    def _on_command(self, message: Any) -> None:
-        """Commands must be signed by the fleet (fleet issue); until a trust root is configured every one is refused."""
-        name = message.topic.rsplit("/", 1)[-1]
+    def ack(self, command: str, command_id: str | None, ok: bool, error: str | None = None, result: Any = None) -> None:
+        """One acknowledgement per command on ``ack`` (refusals rate-limited: a flood of bad commands is no flood of acks)."""
+        if not ok and not self._ack_bucket.allow(time.monotonic()):
+            return
+        ack: dict[str, Any] = {"v": 1, "device_id": self.device_id, "command": command, "id": command_id, "ok": ok}
+        if error is not None:
+            ack["error"] = error[:500]
+        if result is not None:
+            ack["result"] = result
         try:
-            body = parse_json_object(message.payload, "command", 64 * 1024)
-            error = "commands are not accepted: no fleet trust root is configured on this device"
-            command_id = body.get("id") if isinstance(body.get("id"), str) else None
-        except ProtocolError as exc:
-            error, command_id = str(exc), None
-        log.warning("command refused", command=name, error=error)
-        if self._ack_bucket.allow(time.monotonic()):  # a flood of bad commands must not become a flood of acks
-            ack = {"v": 1, "device_id": self.device_id, "command": name, "id": command_id, "ok": False, "error": error}
-            self.link.publish_now(self.topics.ack, encode({k: v for k, v in ack.items() if v is not None}))
+            data = encode({k: v for k, v in ack.items() if v is not None})
+        except (TypeError, ValueError) as exc:  # a result that is not JSON: say so rather than stay silent
+            ack.pop("result", None)
+            ack["ok"], ack["error"] = False, f"result not serialisable: {exc}"
+            data = encode({k: v for k, v in ack.items() if v is not None})
+        if len(data) > self.mqtt.max_payload_bytes:
+            ack["result"] = {"truncated": True, "keys": sorted(result) if isinstance(result, dict) else None}
+            data = encode({k: v for k, v in ack.items() if v is not None})
+        self.link.publish_now(self.topics.ack, data)
 
     # ---- Home Assistant -----------------------------------------------------------------------
 

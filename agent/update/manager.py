@@ -566,6 +566,21 @@ class UpdateManager:
                 return
         pipeline.swap_predictor(previous).close()
 
+    def diagnostics(self) -> dict[str, Any]:
+        """Update state per pipeline for the ``diagnostics`` command."""
+        out: dict[str, Any] = {"hardware_id": self.hardware_id}
+        for name, slots in self.slots.items():
+            state = self.stores[name].load()
+            out[name] = {
+                "active_slot": slots.active_slot(),
+                "previous": str(slots.previous_path()) if slots.previous_path() else None,
+                "update": None
+                if state is None
+                else {"id": state.update_id, "state": state.state, "reason": state.reason},
+                "ran_versions": sorted(self.stores[name].ran_versions()),
+            }
+        return out
+
     # ---- the pipelines' observer (inference thread) ------------------------------------------------------
 
     def observe(

@@ -111,6 +111,7 @@ def upgrade() -> None:
     op.create_index(op.f("ix_update_history_device_id"), "update_history", ["device_id"])
     op.create_index(op.f("ix_update_history_update_id"), "update_history", ["update_id"])
     op.create_index(op.f("ix_update_history_ts"), "update_history", ["ts"])
+    op.create_index(op.f("ix_update_history_command_id"), "update_history", ["command_id"])
 
     op.create_table(
         "events",

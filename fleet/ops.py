@@ -1,0 +1,381 @@
+"""Operator actions shared by the console and the server: rollouts (created, driven, controlled), signed deployment
+and device commands. The rollout decisions are ``fleet.rollout``'s (pure); this module persists its state in the
+registry (optimistic concurrency: several servers may drive the same rollout) and carries out its actions."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import secrets
+import threading
+import time
+from dataclasses import asdict
+from typing import Any
+
+import structlog
+
+from agent.protocol import Topics, parse_json_object
+from agent.protocol.update import deploy_topic
+from fleet import rollout as engine
+from fleet.config import FleetConfig
+from fleet.db import Registry, RolloutConflict
+from fleet.errors import FleetError
+from fleet.keys import KeyStore
+from fleet.mqtt import FleetLink
+from fleet.repository import Repository
+
+log = structlog.get_logger(__name__)
+ACTIVE = ("created", "running", "paused")
+DEVICE_COMMANDS = ("restart", "reload", "set", "diagnostics")
+
+
+class Operations:
+    """One operator (console) or server's handle on registry, repository and broker."""
+
+    def __init__(
+        self,
+        config: FleetConfig,
+        *,
+        actor: str | None = None,
+        registry: Registry | None = None,
+        repository: Repository | None = None,
+        link: FleetLink | None = None,
+    ) -> None:
+        self.config = config
+        self.actor = actor or _user()
+        self.registry = registry or Registry(config.database_url)
+        self.repository = repository or Repository(config.repository_dir, KeyStore(config.keys_dir))
+        self._link = link
+        self._own_link = link is None
+        self._acks: dict[str, dict[str, Any]] = {}
+        self._ack_cond = threading.Condition()
+
+    # ---- broker ------------------------------------------------------------------------------------
+
+    @property
+    def link(self) -> FleetLink:
+        if self._link is None:
+            b = self.config.broker
+            self._link = FleetLink(
+                b.url,
+                f"fleet-ops-{secrets.token_hex(4)}",
+                username=b.username,
+                password=self.config.broker_password(),
+                ca=b.ca,
+            )
+            self._link.start()
+        return self._link
+
+    def topics(self, device_id: str) -> Topics:
+        return Topics.for_device(device_id, self.config.broker.device_prefix)
+
+    def close(self) -> None:
+        if self._link is not None and self._own_link:
+            self._link.stop()
+        self.registry.close()
+
+    # ---- rollouts ----------------------------------------------------------------------------------
+
+    def create_rollout(
+        self,
+        target: str,
+        *,
+        group: str | None = None,
+        devices: list[str] | None = None,
+        pipeline: str = "main",
+        policy: engine.RolloutPolicy,
+        shadow_frames: int = 0,
+        shadow_agreement: float = 0.9,
+        health_window_s: float | None = None,
+        rollback: bool = False,
+        rollout_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Start a rollout of ``target`` to a group or a device list; returns its summary."""
+        known = {t.path: t for t in self.repository.targets()}
+        if target not in known:
+            listed = ", ".join(sorted(known)) or "none"
+            raise FleetError(
+                f"target {target!r} is not in the repository (published: {listed})",
+                "publish it with `fleet bundle publish`",
+            )
+        if (group is None) == (devices is None):
+            raise FleetError("name either --group or --devices", "e.g. --group lab or --devices cam-1,cam-2")
+        if group is not None:
+            if group not in {g["name"] for g in self.registry.groups()}:
+                raise FleetError(f"unknown group {group!r}", "see `fleet groups` for the groups that exist")
+            ids = [d["id"] for d in self.registry.devices(group=group)]
+            if not ids:
+                raise FleetError(f"group {group!r} has no devices", "provision devices into it first")
+        else:
+            ids = list(dict.fromkeys(devices or []))
+            missing = [d for d in ids if self.registry.device(d, updates=0, telemetry=0, events=0) is None]
+            if missing:
+                raise FleetError(
+                    f"unknown device(s): {', '.join(missing)}", "see `fleet devices` for the devices that exist"
+                )
+        online = {d["id"] for d in self.registry.devices(online=True)}
+        rollout_id = rollout_id or f"r-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        state = engine.new_rollout(rollout_id, target, ids, policy, online=online)
+        deploy = {
+            "pipeline": pipeline,
+            "shadow_frames": shadow_frames,
+            "shadow_agreement": shadow_agreement,
+            "health_window_s": health_window_s,
+            "rollback": rollback,
+            "group": group,
+        }
+        version = self.registry.save_rollout(
+            rollout_id, target, {"policy": asdict(policy), "deploy": deploy}, engine.to_dict(state), state.status
+        )
+        self.registry.record_audit(
+            self.actor, "rollout.create", {"id": rollout_id, "target": target, "devices": len(ids), "group": group}
+        )
+        self.apply(rollout_id, engine.Start(time.time()), expect_version=version)
+        return self.rollout(rollout_id)
+
+    def rollout(self, rollout_id: str) -> dict[str, Any]:
+        row = self.registry.load_rollout(rollout_id)
+        if row is None:
+            raise FleetError(f"unknown rollout {rollout_id!r}", "see `fleet rollout list`")
+        state = engine.from_dict(row["state"])
+        return {"id": rollout_id, "target": row["target"], "status": state.status, "reason": state.reason} | {
+            "summary": engine.summary(state),
+            "devices": {d: asdict(r) for d, r in state.records.items()},
+        }
+
+    def rollouts(self, status: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for row in self.registry.list_rollouts(status):
+            state = engine.from_dict(row["state"])
+            out.append({"id": row["id"], "target": row["target"], "status": state.status} | engine.summary(state))
+        return out
+
+    def control_rollout(self, rollout_id: str, action: str, reason: str | None = None) -> dict[str, Any]:
+        if action not in ("pause", "resume", "abort"):
+            raise FleetError(f"unknown rollout action {action!r}", "use pause, resume or abort")
+        if action == "abort":
+            event: Any = engine.Abort(reason or f"aborted by {self.actor}")
+        elif action == "resume":
+            event = engine.Resume(time.time())
+        else:
+            event = engine.Pause(reason or "")
+        self.registry.record_audit(self.actor, f"rollout.{action}", {"id": rollout_id, "reason": reason})
+        self.apply(rollout_id, event)
+        return self.rollout(rollout_id)
+
+    def rollback(self, rollout_id: str) -> dict[str, Any]:
+        """A new rollout, marked as an explicit signed rollback, of the version the committed devices ran before."""
+        row = self.registry.load_rollout(rollout_id)
+        if row is None:
+            raise FleetError(f"unknown rollout {rollout_id!r}", "see `fleet rollout list`")
+        state = engine.from_dict(row["state"])
+        devices = engine.rollback_plan(state)
+        if not devices:
+            raise FleetError(f"rollout {rollout_id} has no committed devices to roll back", "nothing to do")
+        previous = self._previous_target(devices, rollout_id)
+        if previous is None:
+            raise FleetError(
+                f"cannot tell which version the devices of {rollout_id} ran before",
+                "deploy the wanted target explicitly with `fleet deploy TARGET --devices ... --rollback`",
+            )
+        policy = engine.RolloutPolicy(**row["policy"]["policy"])
+        deploy = row["policy"].get("deploy", {})
+        return self.create_rollout(
+            previous, devices=devices, pipeline=deploy.get("pipeline", "main"), policy=policy, rollback=True
+        )
+
+    def _previous_target(self, devices: list[str], rollout_id: str) -> str | None:
+        for device in devices:
+            info = self.registry.device(device, updates=200, telemetry=0, events=0) or {}
+            for update in info.get("updates", []):
+                if update.get("command_id") == rollout_id and update.get("state") == "committed":
+                    from_version = (update.get("detail") or {}).get("from_version")
+                    name = (update.get("detail") or {}).get("name")
+                    for target in self.repository.targets():
+                        if target.version == from_version and (name is None or target.name == name):
+                            return target.path
+        return None
+
+    def apply(self, rollout_id: str, event: Any, *, expect_version: int | None = None, attempts: int = 5) -> bool:
+        """Step a rollout with ``event``, save it (retrying on concurrent changes), then carry out its actions."""
+        for _ in range(attempts):
+            row = self.registry.load_rollout(rollout_id)
+            if row is None:
+                raise FleetError(f"unknown rollout {rollout_id!r}", "see `fleet rollout list`")
+            version = row["version"] if expect_version is None else expect_version
+            expect_version = None
+            state = engine.from_dict(row["state"])
+            new, actions = engine.step(state, event)
+            if new == state and not actions:
+                return False
+            try:
+                self.registry.save_rollout(
+                    rollout_id, row["target"], row["policy"], engine.to_dict(new), new.status, expect_version=version
+                )
+            except RolloutConflict:
+                continue
+            self.execute(row, new, actions)
+            return True
+        return False
+
+    def drive(self, rollout_id: str, now: float | None = None) -> bool:
+        """Feed a rollout what the registry knows (device states, presence) and a tick; True when it changed."""
+        now = time.time() if now is None else now
+        row = self.registry.load_rollout(rollout_id)
+        if row is None:
+            return False
+        state = engine.from_dict(row["state"])
+        if state.finished:
+            return False
+        events: list[Any] = []
+        for device, latest in self.registry.latest_update_states(rollout_id).items():
+            record = state.records.get(device)
+            if record is not None and latest["state"] != record.device_state:
+                events.append(engine.DeviceState(device, latest["state"], now, latest.get("reason")))
+        online = {d["id"] for d in self.registry.devices(online=True)}
+        for device in state.devices:
+            if device in online and device not in state.online:
+                events.append(engine.DeviceOnline(device, now))
+            elif device not in online and device in state.online:
+                events.append(engine.DeviceOffline(device, now))
+        events.append(engine.Tick(now))
+        new, actions = state, []
+        for event in events:
+            new, more = engine.step(new, event)
+            actions.extend(more)
+        if new == state and not actions:
+            return False
+        try:
+            self.registry.save_rollout(
+                rollout_id, row["target"], row["policy"], engine.to_dict(new), new.status, expect_version=row["version"]
+            )
+        except RolloutConflict:
+            return False  # another server drove it in between: its actions, not ours
+        self.execute(row, new, actions)
+        return True
+
+    def execute(self, row: dict[str, Any], rollout: engine.Rollout, actions: list[Any]) -> None:
+        deploy = row["policy"].get("deploy", {})
+        for action in actions:
+            if isinstance(action, engine.SendDeploy):
+                self.send_deploy(action.device, rollout, deploy)
+            elif isinstance(action, engine.CancelDeploy):
+                self.link.publish(deploy_topic(self.topics(action.device)), b"", qos=1, retain=True)
+            elif isinstance(action, engine.Audit):
+                self.registry.record_audit(
+                    self.actor, f"rollout.{action.kind}", {"id": rollout.id} | dict(action.detail)
+                )
+            elif isinstance(action, engine.Notify):
+                log.info("rollout", id=rollout.id, message=action.message)
+            elif isinstance(action, engine.RolloutFinished):
+                self.registry.record_audit(
+                    self.actor,
+                    "rollout.finished",
+                    {
+                        "id": rollout.id,
+                        "status": action.status,
+                        "failed": list(action.failed),
+                        "unreached": list(action.unreached),
+                    },
+                )
+
+    def send_deploy(self, device: str, rollout: engine.Rollout, deploy: dict[str, Any]) -> dict[str, Any]:
+        now = time.time()
+        seq = self.registry.next_command_seq()
+        lifetime = rollout.policy.device_timeout_s + rollout.policy.offline_grace_s
+        signed = {
+            "v": 1,
+            "type": "deploy",
+            "id": rollout.id,
+            "seq": seq,
+            "issued": round(now, 3),
+            "expires": round(now + lifetime, 3),
+            "device": device,
+            "pipeline": deploy.get("pipeline", "main"),
+            "target": rollout.target,
+            "rollback": bool(deploy.get("rollback", False)),
+            "shadow_frames": int(deploy.get("shadow_frames") or 0),
+            "shadow_agreement": float(deploy.get("shadow_agreement", 0.9)),
+        }
+        if deploy.get("health_window_s"):
+            signed["health_window_s"] = float(deploy["health_window_s"])
+        envelope = self.repository.sign_command(signed)
+        self.registry.record_command(seq, rollout.id, device, "deploy", envelope, now, signed["expires"])
+        info = self.link.publish(deploy_topic(self.topics(device)), json.dumps(envelope).encode(), qos=1, retain=True)
+        self.link.wait_published(info, 10.0)
+        return envelope
+
+    # ---- device commands ---------------------------------------------------------------------------
+
+    def send_command(self, device_id: str, name: str, args: dict[str, str], wait_ack_s: float = 10.0) -> dict[str, Any]:
+        """Sign and send a device command; wait for its acknowledgement (recorded, audited)."""
+        if name not in DEVICE_COMMANDS:
+            raise FleetError(f"unknown command {name!r}", f"use one of {', '.join(DEVICE_COMMANDS)}")
+        if self.registry.device(device_id, updates=0, telemetry=0, events=0) is None:
+            raise FleetError(f"unknown device {device_id!r}", "see `fleet devices`")
+        if name == "set" and not args:
+            raise FleetError("`set` needs KEY=VALUE arguments", "e.g. fleet command cam-1 set log_level=debug")
+        now = time.time()
+        seq = self.registry.next_command_seq()
+        command_id = f"c-{secrets.token_hex(6)}"
+        signed = {
+            "v": 1,
+            "type": "command",
+            "id": command_id,
+            "seq": seq,
+            "issued": round(now, 3),
+            "expires": round(now + max(60.0, wait_ack_s * 3), 3),
+            "device": device_id,
+            "name": name,
+            "args": dict(args),
+        }
+        envelope = self.repository.sign_command(signed)
+        self.registry.record_command(seq, command_id, device_id, name, envelope, now, signed["expires"])
+        topics = self.topics(device_id)
+        self.link.subscribe(topics.ack, self._on_ack, shared=False)
+        time.sleep(0.05)  # let the SUBSCRIBE reach the broker before the command can be answered
+        self.link.publish(topics.command(name), json.dumps(envelope).encode(), qos=1)
+        ack = self._wait_ack(command_id, wait_ack_s)
+        ok = bool(ack and ack.get("ok"))
+        if ack is not None:
+            self.registry.ack_command(device_id, command_id, ack, seq=seq)
+        self.registry.record_audit(
+            self.actor,
+            f"command.{name}",
+            {"device": device_id, "id": command_id, "seq": seq, "args": dict(args), "ack": ack},
+            ok=ok,
+            error=None if ok else (ack or {}).get("error", "no acknowledgement"),
+        )
+        return {"ok": ok, "ack": ack, "seq": seq, "id": command_id}
+
+    def _on_ack(self, message: Any) -> None:
+        try:
+            ack = parse_json_object(message.payload, "ack", 256 * 1024)
+        except ValueError:
+            return
+        self.note_ack(ack)
+
+    def note_ack(self, ack: dict[str, Any]) -> None:
+        """A command acknowledgement seen on the broker (by this handle or by the server it shares a link with)."""
+        command_id = ack.get("id")
+        if isinstance(command_id, str):
+            with self._ack_cond:
+                self._acks[command_id] = ack
+                self._ack_cond.notify_all()
+
+    def _wait_ack(self, command_id: str, timeout: float) -> dict[str, Any] | None:
+        deadline = time.monotonic() + timeout
+        with self._ack_cond:
+            while command_id not in self._acks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._ack_cond.wait(left)
+            return self._acks.pop(command_id)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "operator"
