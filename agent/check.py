@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig
@@ -32,6 +33,8 @@ def run_checks(config: AgentConfig) -> dict[str, Any]:
     if config.mqtt is not None:
         ok, detail = probe_broker(config)
         add("mqtt broker", ok, detail)
+    if config.update.enabled:
+        add_update(config, add)
     for name, src_cfg in config.sources.items():
         source = create_source(src_cfg, name)
         try:
@@ -58,6 +61,41 @@ def run_checks(config: AgentConfig) -> dict[str, Any]:
         finally:
             predictor.close()
     return {"ok": all(c["ok"] for c in checks), "checks": checks}
+
+
+def add_update(config: AgentConfig, add: Any) -> None:
+    """The pinned trust root (or the newer verified one), its command keys, and what each pipeline's slots hold."""
+    from agent.update.commands import CommandKeys, CommandRejected
+    from agent.update.slots import SlotStore
+    from agent.update.store import UpdateStore
+    from agent.update.trust import root_summary
+
+    state_dir = Path(config.state_dir)
+    current = state_dir / "updates" / "tuf" / "root.json"
+    source = current if current.exists() else (Path(config.update.trust_root) if config.update.trust_root else None)
+    if source is None:
+        add(
+            "update trust root",
+            False,
+            "no trust root (fix: set [update].trust_root to the root.json from `fleet device provision`)",
+        )
+    else:
+        try:
+            summary, field = root_summary(source)
+            CommandKeys.from_root_field(field)
+            add("update trust root", True, f"{source}: {summary}")
+        except (AgentError, CommandRejected) as exc:
+            add("update trust root", False, f"{source}: {exc}")
+    for name in config.pipelines:
+        slots = SlotStore(state_dir, name)
+        state = UpdateStore(state_dir / "updates" / f"{name}.json").load()
+        active = slots.active_slot()
+        detail = f"active slot {active}" if active else "no slot yet (the configured model is installed at first start)"
+        if state is not None:
+            detail += f"; last update {state.target.name} {state.target.version}: {state.state}" + (
+                f" ({state.reason})" if state.reason else ""
+            )
+        add(f"update slots {name}", True, detail)
 
 
 def add_board(config: AgentConfig, add: Any) -> None:

@@ -160,3 +160,95 @@ def test_explicit_signed_rollback_to_a_version_that_ran_before(
         wait_serving(results, "1.0.0")
     finally:
         stop(proc)
+
+
+def _config(tmp_path: Path, update: str, mqtt: bool = True) -> Path:
+    from tests.update_helpers import SAMPLES
+
+    text = (
+        f"""device_id = "d1"
+state_dir = "{tmp_path / "state"}"
+[sources.s]
+type = "replay"
+path = "{SAMPLES / "inputs" / "digit_*.png"}"
+[pipelines.p]
+source = "s"
+model = "sample:digits-classifier-tflite"
+"""
+        + ('[mqtt]\nbroker = "mqtt://127.0.0.1:9"\n' if mqtt else "")
+        + update
+    )
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+def test_update_settings_errors_are_one_line(tmp_path: Path) -> None:
+    from tests.conftest import assert_one_line_error, run_cli
+
+    no_mqtt = _config(tmp_path, "[update]\nenabled = true\n", mqtt=False)
+    assert_one_line_error(run_cli("check", "--config", no_mqtt), "[update] is enabled but there is no [mqtt] table")
+    typo = _config(tmp_path, "[update]\nenabled = true\ntrust_rot = 'x'\n")
+    assert_one_line_error(run_cli("check", "--config", typo), "unknown key 'update.trust_rot'")
+    missing = _config(tmp_path, "[update]\nenabled = true\ntrust_root = 'nowhere/root.json'\n")
+    proc = run_cli("run", "--config", missing, "--duration", "1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("edge-agent: error: trust root ")
+    assert "does not exist (fix: fix [update].trust_root)" in proc.stderr
+    not_root = tmp_path / "root.json"
+    not_root.write_text('{"signed": {"_type": "targets"}}')
+    wrong = _config(tmp_path, f"[update]\nenabled = true\ntrust_root = '{not_root}'\n")
+    check = run_cli("check", "--config", wrong)
+    assert check.returncode != 0 and "is not TUF root metadata" in check.stdout
+
+
+def test_check_reports_the_trust_root_and_slots(tmp_path: Path, broker: Any, fleet: Fleet) -> None:
+    from tests.conftest import run_cli
+
+    config = _config(tmp_path, f"[update]\nenabled = true\ntrust_root = '{fleet.trust_root}'\n")
+    proc = run_cli("check", "--config", config)
+    assert "update trust root" in proc.stdout and "root v1" in proc.stdout and "1 command key(s)" in proc.stdout
+    assert "update slots p: no slot yet" in proc.stdout
+
+
+def test_not_enough_disk_space_fails_cleanly(tmp_path: Path, broker: Any, fleet: Fleet, mqtt_client: Any) -> None:
+    sub = mqtt_client(broker, "edge/#")
+    results = tmp_path / "results-dev1.jsonl"
+    proc = start(agent_config(tmp_path, broker, fleet, free_space_margin_mb=10**9), tmp_path)
+    try:
+        wait_serving(results, "1.0.0")
+        fleet.deploy("dev1", fleet.publish(build_bundle(tmp_path, "1.1.0"), "1.1.0"))
+        failed = wait_state(sub, "failed")
+        assert "free" in failed["reason"] and "(fix: " in failed["reason"]
+        assert chain(sub) == ["offered", "downloading", "failed"]
+        wait_serving(results, "1.0.0")
+    finally:
+        stop(proc)
+
+
+def test_many_devices_taking_one_target_share_the_chunks(tmp_path: Path, broker: Any, mqtt_client: Any) -> None:
+    """Three agents download the same 3 MB target at once: the fleet publishes about one copy, not three."""
+    fleet = Fleet(tmp_path, broker, rate_limit_bps=2_000_000)
+    sub = mqtt_client(broker, "edge/#")
+    procs = {}
+    try:
+        for device in ("dev1", "dev2", "dev3"):
+            procs[device] = start(agent_config(tmp_path, broker, fleet, device=device), tmp_path, name=device)
+        for device in procs:
+            wait_serving(tmp_path / f"results-{device}.jsonl", "1.0.0")
+        bundle = build_bundle(tmp_path, "1.1.0", pad_bytes=3_000_000)
+        target = fleet.publish(bundle, "1.1.0")
+        for device in procs:
+            fleet.deploy(device, target)
+        for device in procs:
+            wait_state(sub, "committed", device=device, timeout=90)
+        chunks = -(-bundle.stat().st_size // (96 * 1024))
+        published = fleet.server.stats["chunks_published"]
+        print(
+            f"{chunks} chunks, {published} published for 3 devices ({fleet.server.stats['chunks_merged']} requests merged)"
+        )
+        assert published < 2 * chunks  # three separate downloads would be 3 x chunks
+    finally:
+        for proc in procs.values():
+            stop(proc)
+        fleet.close()

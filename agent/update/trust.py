@@ -68,6 +68,22 @@ def install_trust_root(metadata_dir: Path, trust_root: Path | None) -> None:
     tmp.replace(current)
 
 
+def root_summary(path: Path) -> tuple[str, Any]:
+    """``("root v3, expires ..., 2 command key(s)", command keys field)``; AgentError when it is not TUF root metadata."""
+    try:
+        root = Metadata[Root].from_bytes(Path(path).read_bytes()).signed
+    except FileNotFoundError:
+        raise AgentError(f"trust root {path} does not exist", "fix [update].trust_root") from None
+    except Exception as exc:
+        raise AgentError(
+            f"{path} is not TUF root metadata: {str(exc)[:160]}", "use the root.json from `fleet device provision`"
+        ) from None
+    field = root.unrecognized_fields.get(COMMAND_KEYS_FIELD)
+    keys = len(field.get("keys", {})) if isinstance(field, dict) else 0
+    expires = root.expires.strftime("%Y-%m-%d")
+    return f"root v{root.version}, expires {expires}, {keys} command key(s)", field
+
+
 class TrustClient:
     """One refresh per update: a new ``Updater`` each time (``refresh()`` runs once per Updater by design)."""
 
