@@ -534,10 +534,18 @@ class Registry:
         return device
 
     def update_device(
-        self, id: str, *, group: str | None = None, tags: Iterable[str] | None = None, hardware: str | None = None
+        self,
+        id: str,
+        *,
+        group: str | None = None,
+        tags: Iterable[str] | None = None,
+        hardware: str | None = None,
+        credentials_kind: str | None = None,
     ) -> bool:
-        """Change a device's group, tags or hardware; False when there is no such device."""
+        """Change a device's group, tags, hardware or credentials kind; False when there is no such device."""
         values: dict[str, Any] = {}
+        if credentials_kind is not None:
+            values["credentials_kind"] = credentials_kind
         if group is not None:
             _check_name(group, "group")
             values["group"] = group

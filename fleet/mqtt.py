@@ -77,14 +77,33 @@ class FleetLink:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self._suback = threading.Condition()
+        self._subacked: set[int] = set()
         self.last_error: str | None = None
 
-    def subscribe(self, topic_filter: str, handler: Handler, *, shared: bool = True) -> None:
+    def subscribe(self, topic_filter: str, handler: Handler, *, shared: bool = True, wait_s: float = 0.0) -> None:
+        """Route ``topic_filter`` to ``handler``; with ``wait_s``, return only once the broker granted it (SUBACK)."""
         with self._lock:
+            known = self._handlers.get(topic_filter) == handler
             self._handlers[topic_filter] = handler
             self._shared[topic_filter] = shared
-        if self.connected.is_set():
-            self.client.subscribe(self._wire_filter(topic_filter), qos=1)
+        if known or not self.connected.is_set():
+            return
+        _rc, mid = self.client.subscribe(self._wire_filter(topic_filter), qos=1)
+        if wait_s > 0:
+            deadline = time.monotonic() + wait_s
+            with self._suback:
+                while mid not in self._subacked and time.monotonic() < deadline:
+                    self._suback.wait(deadline - time.monotonic())
+                self._subacked.discard(mid)
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        with self._suback:
+            self._subacked.add(mid)
+            if len(self._subacked) > 1000:
+                self._subacked.clear()
+            self._suback.notify_all()
 
     def _wire_filter(self, topic_filter: str) -> str:
         if self.share and self._shared.get(topic_filter, True):

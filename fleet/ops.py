@@ -159,6 +159,8 @@ class Operations:
             event = engine.Resume(time.time())
         else:
             event = engine.Pause(reason or "")
+        if self.registry.load_rollout(rollout_id) is None:
+            raise FleetError(f"unknown rollout {rollout_id!r}", "see `fleet rollout list`")
         self.registry.record_audit(self.actor, f"rollout.{action}", {"id": rollout_id, "reason": reason})
         self.apply(rollout_id, event)
         return self.rollout(rollout_id)
@@ -332,8 +334,7 @@ class Operations:
         envelope = self.repository.sign_command(signed)
         self.registry.record_command(seq, command_id, device_id, name, envelope, now, signed["expires"])
         topics = self.topics(device_id)
-        self.link.subscribe(topics.ack, self._on_ack, shared=False)
-        time.sleep(0.05)  # let the SUBSCRIBE reach the broker before the command can be answered
+        self.link.subscribe(topics.ack, self._on_ack, shared=False, wait_s=5.0)  # subscribed before it can answer
         self.link.publish(topics.command(name), json.dumps(envelope).encode(), qos=1)
         ack = self._wait_ack(command_id, wait_ack_s)
         ok = bool(ack and ack.get("ok"))
