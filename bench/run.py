@@ -66,13 +66,18 @@ def bench_inference(bundle: str, image: str, threads: int, seconds: float, round
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=6.0, help="per case and side")
+    parser.add_argument(
+        "--seconds", type=float, help="inference: per case and side (default 6); fleet: paced telemetry (default 30)"
+    )
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--soak-seconds", type=float, default=120.0, help="pipeline soak run (RSS growth); 600 for the full figure"
     )
-    parser.add_argument("--only", choices=["inference", "pipeline", "mqtt"], help="run one part")
+    parser.add_argument("--only", choices=["inference", "pipeline", "mqtt", "update", "fleet"], help="run one part")
+    parser.add_argument("--fleet-devices", type=int, default=10_000, help="fleet: simulated devices")
+    parser.add_argument("--fleet-rate", type=float, default=1000.0, help="fleet: telemetry messages/s, all devices")
+    parser.add_argument("--fleet-burst", type=int, default=20_000, help="fleet: messages of the unpaced burst")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     args = parser.parse_args()
 
@@ -85,7 +90,7 @@ def main() -> int:
     if args.only in (None, "inference"):
         for bundle, image in CASES:
             console.print(f"inference: {bundle} ...")
-            results.append(bench_inference(bundle, image, args.threads, args.seconds, args.rounds))
+            results.append(bench_inference(bundle, image, args.threads, args.seconds or 6.0, args.rounds))
         report["inference"] = results
         print_inference(console, results)
     if args.only in (None, "pipeline"):
@@ -117,6 +122,30 @@ def main() -> int:
             f"{m['agent_outbox_per_s']}/s vs bare paho {m['bare_paho_per_s']}/s -> ratio {m['ratio']}; "
             f"replay of {r['backlog']} queued results: {r['replay_per_s']}/s ({r['replay_s']} s)"
         )
+    if args.only in (None, "update"):
+        from bench.update_bench import run as run_update
+
+        console.print("update: 20 MB bundle over MQTT chunks vs mosquitto_pub -f; hot swap under load ...")
+        u = run_update()
+        report["update"] = u
+        sw = u["swap"]
+        console.print(
+            f"update transfer of {u['bundle_bytes'] / 1e6:.1f} MB ({u['chunk_size']} B chunks, hash verified): "
+            f"{u['agent_transfer_s']} s ({u['agent_mb_per_s']} MB/s) vs mosquitto_pub -f {u['mosquitto_pub_s']} s "
+            f"({u['mosquitto_pub_mb_per_s']} MB/s) -> ratio {u['ratio']}; hot swap: gap across the swap "
+            f"{sw['gap_across_swap_ms']} ms, longest within 1 s {sw['max_gap_within_1s_ms']} ms vs steady interval "
+            f"{sw['steady_interval_ms']} ms (x{sw['ratio_across']} / x{sw['ratio_max_within_1s']}), results lost: "
+            f"{sw['results_lost']}"
+        )
+    if args.only in (None, "fleet"):
+        from bench.fleet_bench import print_report as print_fleet
+        from bench.fleet_bench import run as run_fleet
+
+        fleet = run_fleet(
+            args.fleet_devices, args.fleet_rate, args.seconds or 30.0, args.fleet_burst, log=console.print
+        )
+        report["fleet"] = fleet
+        print_fleet(console, fleet)
     console.print(f"peak RSS {peak_rss_mb():.0f} MB")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
