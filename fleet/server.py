@@ -30,7 +30,14 @@ from fleet.transfer import RepositoryServer
 
 log = structlog.get_logger(__name__)
 MAX_MESSAGE = 256 * 1024
-KINDS = {"status": "status", "telemetry": "telemetry", "update/status": "update", "events": "event", "ack": "ack"}
+KINDS = {
+    "status": "status",
+    "telemetry": "telemetry",
+    "update/status": "update",
+    "update/state/+": "update",  # retained latest state per pipeline: catch-up after a server restart
+    "events": "event",
+    "ack": "ack",
+}
 
 
 class FleetServer:
@@ -135,8 +142,8 @@ class FleetServer:
         device = self._device_of(message.topic)
         if kind is None or device is None:
             return
-        if kind == "status" and not message.payload:
-            return  # a cleared retained status
+        if not message.payload:
+            return  # a cleared retained message
         try:
             data = parse_json_object(message.payload, kind, MAX_MESSAGE)
         except ProtocolError as exc:

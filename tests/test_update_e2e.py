@@ -49,6 +49,8 @@ def test_update_is_downloaded_validated_hot_swapped_and_committed(
         assert status["models"]["digits"]["version"] == "1.1.0"
         seqs = [json.loads(line)["seq"] for line in results.read_text().splitlines()]
         assert seqs == list(range(1, len(seqs) + 1))  # the pipeline kept numbering: never restarted
+        latest = mqtt_client(broker, "edge/dev1/update/state/+")  # retained: what a server that missed it reads
+        assert json.loads(latest.wait_for(lambda m: True)[0].payload)["state"] == "committed"
     finally:
         stop(proc)
     print((proc.output_dir / "stderr.txt").read_text()[-3000:])

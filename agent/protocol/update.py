@@ -11,6 +11,7 @@ Topics (device prefix ``edge/<device_id>/``, fleet prefix ``fleet/``)::
                                    in: raw bytes of one target chunk, published once for every
                                        device downloading it (the broker does the fan-out)
     <prefix>update/status          out: every update state transition (at-least-once, in order)
+    <prefix>update/state/<pipeline> out, retained: the latest of them
 
 Signed documents (deployment and device commands) are ``{"signed": {...}, "signatures": [{"keyid", "sig"}]}``;
 the signature covers ``canonical_bytes(signed)`` and the keys that may sign are listed in the TUF root metadata
@@ -79,6 +80,11 @@ def update_status_topic(topics: Topics) -> str:
     return topics.prefix + "update/status"
 
 
+def update_state_topic(topics: Topics, pipeline: str) -> str:
+    """Retained: the latest update state of one pipeline (a server that missed messages catches up from it)."""
+    return topics.prefix + "update/state/" + pipeline
+
+
 def chunk_topic(sha256: str, chunk_size: int, index: int | None = None) -> str:
     """Where the fleet publishes chunk ``index`` of a target (``+`` for every chunk when index is None)."""
     if not SHA256_HEX.match(sha256):
@@ -108,6 +114,7 @@ def request_wildcards(device_prefix_template: str = "edge/{device_id}/") -> dict
         "fetch": base + "update/fetch",
         "chunks": base + "update/chunks",
         "status": base + "update/status",
+        "state": base + "update/state/+",
     }
 
 

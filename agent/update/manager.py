@@ -33,6 +33,7 @@ from agent.protocol.update import (
     deploy_topic,
     parse_deploy_command,
     parse_envelope,
+    update_state_topic,
     update_status_topic,
 )
 from agent.update import health as health_rules
@@ -116,7 +117,8 @@ class UpdateManager:
         self.mqtt: Any = None
         self.trust: TrustClient | None = None
         self.hardware_id = self.cfg.hardware_id or platform.machine()
-        self._pending_reports: list[bytes] = []
+        self._pending_reports: list[tuple[bytes, str | None]] = []
+        self._latest: dict[str, bytes] = {}
         self._last_rejection_log = 0.0
 
     # ---- start-up (before the pipelines are built) ------------------------------------------------
@@ -186,8 +188,9 @@ class UpdateManager:
         self.mqtt = mqtt
         fetcher = MqttMetadataFetcher(mqtt.link, mqtt.topics, timeout_s=self.cfg.request_timeout_s)
         self.trust = TrustClient(self.dir / "tuf", fetcher)
-        for report in self._pending_reports:
-            self.mqtt.link.publish_durable(update_status_topic(self.mqtt.topics), report, priority="critical")
+        mqtt.link.on_connected(self._republish_latest)  # publish_now is dropped while offline: send the latest again
+        for report, pipeline in self._pending_reports:
+            self._publish(report, pipeline)
         self._pending_reports.clear()
         mqtt.link.subscribe(deploy_topic(mqtt.topics), self._on_deploy)
         self._thread = threading.Thread(target=self._worker, name="updates", daemon=True)
@@ -633,7 +636,7 @@ class UpdateManager:
             running=self._running_version(name) or None,
         )
         log.info("update state", pipeline=name, state=state.state, reason=state.reason, version=state.target.version)
-        self._publish(encode(status))
+        self._publish(encode(status), name)
 
     def _report_unbound(
         self, state: str, reason: str, envelope_id: str | None, signed: dict[str, Any] | None = None
@@ -658,11 +661,18 @@ class UpdateManager:
         }
         self._publish(encode({k: v for k, v in status.items() if v is not None}))
 
-    def _publish(self, payload: bytes) -> None:
+    def _publish(self, payload: bytes, pipeline: str | None = None) -> None:
         if self.mqtt is None:
-            self._pending_reports.append(payload)
+            self._pending_reports.append((payload, pipeline))
             return
         self.mqtt.link.publish_durable(update_status_topic(self.mqtt.topics), payload, priority="critical")
+        if pipeline is not None:  # the latest state, retained, for a fleet server that missed the stream
+            self._latest[pipeline] = payload
+            self.mqtt.link.publish_now(update_state_topic(self.mqtt.topics, pipeline), payload, qos=1, retain=True)
+
+    def _republish_latest(self) -> None:
+        for pipeline, payload in list(self._latest.items()):
+            self.mqtt.link.publish_now(update_state_topic(self.mqtt.topics, pipeline), payload, qos=1, retain=True)
 
     def _announce_models(self) -> None:
         if self.mqtt is not None:
