@@ -105,6 +105,7 @@ class Device(Base):
     temperature_c: Mapped[float | None] = mapped_column(sa.Double)
     cpu_percent: Mapped[float | None] = mapped_column(sa.Double)
     telemetry_ts: Mapped[float | None] = mapped_column(sa.Double)
+    results: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)  # per pipeline: results summary of the last period
     # reported by the device (update/status)
     update_state: Mapped[str | None] = mapped_column(sa.String(32))
     update_reason: Mapped[str | None] = mapped_column(sa.Text)
@@ -289,6 +290,18 @@ def _plain(item: Any) -> dict[str, Any] | None:
     if hasattr(item, "model_dump"):
         return cast(dict[str, Any], item.model_dump())
     return dict(item) if isinstance(item, Mapping) else None
+
+
+def _results(payload: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The telemetry's per-pipeline results summary (counts, top labels, anomalies, detections), size-capped."""
+    value = payload.get("results")
+    if not isinstance(value, Mapping) or not value:
+        return None
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+    return json.loads(text) if len(text) <= 8192 else None
 
 
 def telemetry_metrics(payload: Mapping[str, Any]) -> dict[str, float | None]:
@@ -804,7 +817,7 @@ class Registry:
             if key in parsed:
                 stats.duplicates += 1
                 continue
-            parsed[key] = {"device_id": device_id, "ts": ts, **telemetry_metrics(item)}
+            parsed[key] = {"device_id": device_id, "ts": ts, **telemetry_metrics(item), "results": _results(item)}
 
         def work(conn: Connection) -> IngestStats:
             out = IngestStats(invalid=stats.invalid, stale=stats.stale, duplicates=stats.duplicates)
@@ -876,6 +889,21 @@ class Registry:
         if not latest:
             return
         d = devices_t
+        summaries = [
+            {"b_id": k, "b_ts": m["ts"], "b_results": m["results"]}
+            for k, m in sorted(latest.items())
+            if m.get("results")
+        ]
+        if summaries:  # before telemetry_ts moves on: only a newer message replaces the summary
+            conn.execute(
+                sa.update(d)
+                .where(
+                    d.c.id == sa.bindparam("b_id"),
+                    sa.or_(d.c.telemetry_ts.is_(None), d.c.telemetry_ts < sa.bindparam("b_ts")),
+                )
+                .values(results=sa.bindparam("b_results", type_=sa.JSON)),
+                summaries,
+            )
         newer = sa.or_(d.c.telemetry_ts.is_(None), d.c.telemetry_ts < sa.bindparam("b_ts"))
         stmt = (
             sa.update(d)

@@ -132,6 +132,11 @@ def test_canary_then_waves_all_commit(fleet: FleetUnderTest) -> None:
     assert wait_until(
         lambda: all(d["models"].get("main", {}).get("version") == "1.1.0" for d in fleet.server.registry.devices()), 20
     )
+    # results summaries arrive with the telemetry: counts and top-1 labels per pipeline
+    assert wait_until(
+        lambda: (fleet.server.registry.device("dev1")["results"] or {}).get("main", {}).get("results", 0) > 0, 20
+    )
+    assert set(fleet.server.registry.device("dev1")["results"]["main"]["labels"]) <= set("0123456789")
     actions = [a["action"] for a in fleet.server.registry.audit_log(200)]
     assert "rollout.create" in actions and "rollout.finished" in actions
 

@@ -124,7 +124,7 @@ class CommandHandler:
         if name == "diagnostics":
             from agent.runtime import runtime_report
 
-            telemetry = self.service.telemetry()
+            telemetry = self.service.telemetry(reset=False)
             return {
                 "telemetry": telemetry,
                 "runtimes": [r.to_dict() for r in runtime_report()],

@@ -49,6 +49,7 @@ class MqttService:
         self.started_at = time.time()
         self.predict = PredictHandler(self)
         self.oversize_results = 0
+        self._summary: dict[str, dict[str, Any]] = {}
         self.link.subscribe(self.topics.predict, self.predict.on_message)
         self.commands = CommandHandler(self)
         self.link.subscribe(self.topics.commands, self.commands.on_message)
@@ -112,6 +113,7 @@ class MqttService:
     def on_result(self, record: dict[str, Any]) -> None:
         """Result bus listener: apply the pipeline's publish policy, then store-and-forward."""
         name = record.get("pipeline", "")
+        self._summarize(name, record)
         gate = self._gates.get(name)
         if gate is None:
             pipe_cfg = self.config.pipelines.get(name)
@@ -132,6 +134,23 @@ class MqttService:
                 return
         self.link.publish_durable(self.topics.results(name), data)
 
+    def _summarize(self, pipeline: str, record: dict[str, Any]) -> None:
+        """Per pipeline since the last telemetry: results, top-1 label counts, anomalies, detections."""
+        s = self._summary.setdefault(pipeline, {"results": 0, "labels": {}, "anomalies": 0, "detections": 0})
+        s["results"] += 1
+        label = record.get("label")
+        if isinstance(label, str) and (label in s["labels"] or len(s["labels"]) < 20):
+            s["labels"][label] = s["labels"].get(label, 0) + 1
+        if record.get("anomaly") is True:
+            s["anomalies"] += 1
+        if isinstance(record.get("detections"), list):
+            s["detections"] += len(record["detections"])
+
+    def results_summary(self) -> dict[str, Any]:
+        """The summary since the last call (and start a new period)."""
+        summary, self._summary = self._summary, {}
+        return summary
+
     def _shrink(self, payload: dict[str, Any]) -> bytes | None:
         """Keep a result under the cap by trimming its longest lists (detections, raw values)."""
         slim = dict(payload)
@@ -150,7 +169,8 @@ class MqttService:
 
     # ---- telemetry ----------------------------------------------------------------------------
 
-    def telemetry(self) -> dict[str, Any]:
+    def telemetry(self, reset: bool = True) -> dict[str, Any]:
+        """One telemetry payload; ``reset=False`` leaves the results-summary period running (diagnostics)."""
         snap = self.daemon.snapshot()
         proc = psutil.Process()
         state_dir = Path(self.config.state_dir)
@@ -200,6 +220,7 @@ class MqttService:
             "outbox": outbox,
             "mqtt": self.link.stats() | {"oversize_results": self.oversize_results},
             "predict": self.predict.stats(),
+            "results": self.results_summary() if reset else dict(self._summary),
         }
 
     def _telemetry_loop(self) -> None:

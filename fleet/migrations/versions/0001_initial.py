@@ -54,6 +54,7 @@ def upgrade() -> None:
         sa.Column("temperature_c", sa.Double(), nullable=True),
         sa.Column("cpu_percent", sa.Double(), nullable=True),
         sa.Column("telemetry_ts", sa.Double(), nullable=True),
+        sa.Column("results", sa.JSON(), nullable=True),
         sa.Column("update_state", sa.String(32), nullable=True),
         sa.Column("update_reason", sa.Text(), nullable=True),
         sa.Column("update_id", sa.String(128), nullable=True),
