@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,9 @@ class Predictor:
         self._threshold = meta.thresholds.get("score", 0.0)
         self._softmax: bool | None = None  # whether scores are logits: a property of the model, decided once
         self._out_names = [t.name for t in model.outputs]
+        self._classify_raw = self._raw_classifier()
+        # the image pre-processing gives exactly the model's input tensor: nothing for prepare_input to do
+        self._image_exact = self._image is not None and self._image.exact
 
     @classmethod
     def open(
@@ -254,10 +258,22 @@ class Predictor:
 
     def run(self, prepared: Prepared) -> Prediction:
         """Inference and post-processing of a prepared input (thread-safe: one inference at a time)."""
+        return self._run(prepared.tensors, prepared.transform, prepared.started)
+
+    def _run(
+        self, tensors: list[np.ndarray], transform: Transform | None, started: float, exact: bool = False
+    ) -> Prediction:
+        """``exact``: ``tensors`` already have the model inputs' dtypes and shapes (no ``prepare_input``)."""
         with self._lock:
-            outputs = self.model.predict(prepared.tensors)
-            result = self._post(prepared.tensors[0], outputs, prepared.transform)
-        return self._prediction(result, prepared.started)
+            model = self.model
+            raw = model.run_raw(tensors) if exact else model.predict_raw(tensors)
+            result = None
+            if self._classify_raw is not None and self._softmax is not None:
+                result = self._classify_raw(raw, self._softmax)
+            if result is None:
+                result = self._post(tensors[0], model.dequantize_outputs(raw), transform)
+        latency = (time.perf_counter() - started) * 1000.0
+        return Prediction(self.bundle.task, result, latency, self.bundle.name, self.bundle.version)
 
     def predict_image(self, frame: np.ndarray) -> Prediction:
         """Predict on one decoded image (BGR or grayscale uint8, OpenCV conventions)."""
@@ -265,14 +281,14 @@ class Predictor:
             raise InputError(f"model {self.bundle.name} does not take images", f"give {self.kind} input")
         start = time.perf_counter()
         tensor, transform = self._image(frame)
-        return self.run(Prepared([tensor], transform, start))
+        return self._run([tensor], transform, start, self._image_exact)
 
     def predict_window(self, window: np.ndarray) -> Prediction:
         """Predict on one (window, channels) block of raw sensor values."""
         if self._window is None:
             raise InputError(f"model {self.bundle.name} does not take sensor windows", f"give {self.kind} input")
         start = time.perf_counter()
-        return self.run(Prepared([self._window(window)], None, start))
+        return self._run([self._window(window)], None, start)
 
     def predict_tensors(self, arrays: list[np.ndarray] | dict[str, np.ndarray]) -> Prediction:
         """Predict on arrays given as is (one per model input)."""
@@ -286,6 +302,66 @@ class Predictor:
     def _prediction(self, result: dict[str, Any], start: float) -> Prediction:
         latency = (time.perf_counter() - start) * 1000.0
         return Prediction(self.bundle.task, result, latency, self.bundle.name, self.bundle.version)
+
+    def _raw_classifier(self) -> Callable[[list[np.ndarray], bool], dict[str, Any] | None] | None:
+        """Classification straight from the runtime's outputs, for a small score output that is float32 or
+        per-tensor int8/uint8: scores read through a 256-entry table holding exactly what ``quant.dequantize``
+        gives for each code, so results equal the generic path's (``_post`` on dequantized outputs).
+
+        None when the model does not fit; the returned function gives None for an output of another dtype.
+        """
+        meta = self.bundle.metadata
+        if meta.task != "classification":
+            return None
+        spec = meta.classification or ClassificationSpec()
+        out = self.model.outputs[spec.output]
+        if out.is_dynamic or not 0 < int(np.prod(out.shape)) <= postprocess.SMALL:
+            return None
+        index, top_k, labels, threshold = spec.output, spec.top_k, self.bundle.labels, self._threshold
+        classify_values = postprocess.classify_values
+        dtype = out.dtype
+        if out.is_quantized:
+            assert out.quant is not None
+            if out.quant.per_channel or dtype not in (np.dtype(np.int8), np.dtype(np.uint8)):
+                return None
+            from agent.runtime import quant
+
+            # table[byte]: the dequantized value of the code whose byte is ``byte`` (so int8 codes index it too)
+            table = quant.dequantize(np.arange(256, dtype=np.uint8).view(dtype), out.quant).tolist()
+            rounded = [round(v, 6) for v in table]  # the reported score of each code (no softmax)
+            value_of = table.__getitem__
+            size = int(np.prod(out.shape))
+            names = [labels[i] if labels and i < len(labels) else str(i) for i in range(size)]
+
+            def classify_codes(raw: list[np.ndarray], softmax: bool) -> dict[str, Any] | None:
+                scores = raw[index]
+                if scores.dtype != dtype:
+                    return None
+                codes = scores.tobytes()
+                values = list(map(value_of, codes))
+                if softmax or len(values) != size:
+                    return classify_values(values, top_k, labels, threshold, softmax)
+                # classify_values without softmax, with each score's rounding looked up
+                top = sorted(range(size), key=values.__getitem__, reverse=True)[:top_k]
+                classes = [
+                    {"index": i, "label": names[i], "score": rounded[codes[i]]} for i in top if values[i] >= threshold
+                ]
+                if not classes:
+                    return {"top": classes, "label": None, "score": None}
+                best = classes[0]
+                return {"top": classes, "label": best["label"], "score": best["score"]}
+
+            return classify_codes
+        if dtype != np.float32:
+            return None
+
+        def classify_floats(raw: list[np.ndarray], softmax: bool) -> dict[str, Any] | None:
+            scores = raw[index]
+            if scores.dtype != dtype:
+                return None
+            return classify_values(scores.ravel().tolist(), top_k, labels, threshold, softmax)
+
+        return classify_floats
 
     def _post(self, model_input: np.ndarray, outputs: list[np.ndarray], transform: Transform | None) -> dict[str, Any]:
         meta, labels = self.bundle.metadata, self.bundle.labels

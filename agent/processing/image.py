@@ -7,7 +7,9 @@ channel, so a uint8 frame becomes the model's int8/float tensor in one
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import cv2
 import numpy as np
@@ -16,6 +18,8 @@ from agent.bundle import ImageInput
 from agent.errors import BundleError, InputError
 from agent.runtime import quant
 from agent.runtime.base import TensorInfo
+
+_UINT8 = np.dtype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -31,12 +35,25 @@ class Transform:
 
     def to_source(self, boxes_xyxy: np.ndarray) -> np.ndarray:
         """Map (N, 4) x1,y1,x2,y2 boxes to source pixels, clipped to the image."""
+        if type(boxes_xyxy) is np.ndarray and boxes_xyxy.dtype == np.float32 and boxes_xyxy.shape[1:] == (4,):
+            # the same float32 operations per element as below, in three passes over the array
+            offset, scale, high = self._arrays
+            out = (boxes_xyxy - offset) / scale
+            return np.clip(out, 0, high, out=out)
         out = np.empty_like(boxes_xyxy, dtype=np.float32)
         out[:, 0::2] = (boxes_xyxy[:, 0::2] - self.offset_x) / self.scale_x
         out[:, 1::2] = (boxes_xyxy[:, 1::2] - self.offset_y) / self.scale_y
         np.clip(out[:, 0::2], 0, self.src_width, out=out[:, 0::2])
         np.clip(out[:, 1::2], 0, self.src_height, out=out[:, 1::2])
         return out
+
+    @functools.cached_property
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Offsets, scales and upper bounds per x1,y1,x2,y2 column, float32 (as float32 arithmetic casts them)."""
+        offset = np.asarray([self.offset_x, self.offset_y] * 2, dtype=np.float32)
+        scale = np.asarray([self.scale_x, self.scale_y] * 2, dtype=np.float32)
+        high = np.asarray([self.src_width, self.src_height] * 2, dtype=np.float32)
+        return offset, scale, high
 
 
 def infer_layout(shape: tuple[int | str, ...]) -> str | None:
@@ -97,8 +114,103 @@ class ImagePreprocessor:
         out_dtype = tensor.dtype if tensor.dtype.kind in "iuf" else np.dtype(np.float32)
         self._lut = quant.uint8_lut(params, out_dtype, mean, std).reshape(1, 256, c)
         self._params = params
+        # Fast path for uint8 BGR (or gray) frames: geometry planned once per source size, one LUT
+        # pass straight into the model's layout (planar when every channel shares one table).
+        tables = self._lut[0]
+        self._lut_flat = np.ascontiguousarray(tables[:, 0])  # (256,) the table of channel 0
+        self._uniform = all(np.array_equal(tables[:, i], tables[:, 0], equal_nan=True) for i in range(c))
+        self._fast_ok = self._lut.dtype in (np.dtype(np.uint8), np.dtype(np.int8), np.dtype(np.float32))
+        self._gray, self._rgb = spec.color == "gray", spec.color == "rgb"
+        self._nchw = layout == "NCHW"
+        self._out_shape = (1, c, self.height, self.width) if self._nchw else (1, self.height, self.width, c)
+        self._plans: dict[tuple[int, ...], _Plan | Literal[False]] = {}
+        # every output (any frame) is a C-contiguous array of the tensor's own dtype and shape
+        self.exact = self._lut.dtype == tensor.dtype and self._out_shape == tensor.shape
 
     def __call__(self, frame: np.ndarray) -> tuple[np.ndarray, Transform]:
+        if type(frame) is np.ndarray and frame.dtype == _UINT8:
+            plan = self._plans.get(frame.shape)
+            if plan is None:
+                plan = self._plan(frame.shape)
+            if plan:
+                return self._fast(frame, plan)
+        return self._generic(frame)
+
+    def _fast(self, frame: np.ndarray, plan: _Plan) -> tuple[np.ndarray, Transform]:
+        """uint8 BGR (or, for gray models, gray) frame: same values as ``_generic``, fewer passes.
+
+        Colour order is a permutation of channels, so for RGB models it is applied after resizing
+        (on fewer pixels), folded into the planar copy for NCHW.
+        """
+        img = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY) if plan.to_gray else frame
+        if plan.size is not None:
+            img = cv2.resize(img, plan.size, interpolation=plan.interpolation)
+            if plan.border is not None:
+                top, bottom, left, right = plan.border
+                img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=plan.fill)
+            elif plan.crop is not None:
+                top, left = plan.crop
+                img = img[top : top + self.height, left : left + self.width]
+        if img.ndim == 2:
+            return cv2.LUT(img, self._lut_flat).reshape(self._out_shape), plan.transform
+        rgb = self._rgb
+        if self._nchw and self._uniform:
+            planes = img.transpose(2, 0, 1)
+            planes = np.ascontiguousarray(planes[::-1] if rgb else planes)
+            flat = planes.reshape(3 * self.height, self.width)
+            return cv2.LUT(flat, self._lut_flat).reshape(self._out_shape), plan.transform
+        if rgb:
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        values = cv2.LUT(img, self._lut)
+        if self._nchw:
+            values = np.ascontiguousarray(values.transpose(2, 0, 1))
+        return values.reshape(self._out_shape), plan.transform
+
+    def _plan(self, shape: tuple[int, ...]) -> _Plan | Literal[False]:
+        """For a uint8 frame of ``shape``: the colour, resize/pad/crop steps and box transform (what ``_generic``
+        does), or False when ``_generic`` handles such frames (no pixels, 1 or 4 channels, an unusual table)."""
+        eligible = self._fast_ok and ((len(shape) == 3 and shape[2] == 3) or (len(shape) == 2 and self._gray))
+        if not eligible or not all(shape):
+            plan: _Plan | Literal[False] = False
+        else:
+            plan = self._geometry(shape[1], shape[0], to_gray=self._gray and len(shape) == 3)
+        if len(self._plans) >= 32:  # a camera has one frame size; bound the cache for callers that vary it
+            self._plans.clear()
+        self._plans[shape] = plan
+        return plan
+
+    def _geometry(self, src_w: int, src_h: int, to_gray: bool) -> _Plan:
+        w, h = self.width, self.height
+        mode = self.spec.resize
+        interp = cv2.INTER_AREA if src_w > w and src_h > h else cv2.INTER_LINEAR
+        fill = [self.spec.letterbox_fill] * (1 if self._gray else 3)
+        if (src_w, src_h) == (w, h):
+            plan = _Plan(None, interp, None, None, fill, Transform(1.0, 1.0, 0.0, 0.0, src_w, src_h))
+        elif mode == "squash":
+            plan = _Plan((w, h), interp, None, None, fill, Transform(w / src_w, h / src_h, 0.0, 0.0, src_w, src_h))
+        elif mode == "letterbox":
+            scale = min(w / src_w, h / src_h)
+            nw, nh = max(1, round(src_w * scale)), max(1, round(src_h * scale))
+            left, top = (w - nw) // 2, (h - nh) // 2
+            border = (top, h - nh - top, left, w - nw - left)
+            plan = _Plan(
+                (nw, nh), interp, border, None, fill, Transform(scale, scale, float(left), float(top), src_w, src_h)
+            )
+        else:
+            scale = max(w / src_w, h / src_h)
+            nw, nh = max(w, round(src_w * scale)), max(h, round(src_h * scale))
+            left, top = (nw - w) // 2, (nh - h) // 2
+            plan = _Plan(
+                (nw, nh),
+                interp,
+                None,
+                (top, left),
+                fill,
+                Transform(scale, scale, -float(left), -float(top), src_w, src_h),
+            )
+        return plan._replace(to_gray=to_gray)
+
+    def _generic(self, frame: np.ndarray) -> tuple[np.ndarray, Transform]:
         if not isinstance(frame, np.ndarray) or frame.ndim not in (2, 3) or frame.size == 0:
             raise InputError("image must be a non-empty 2-D (gray) or 3-D (colour) array", "give a decoded image")
         src_h, src_w = frame.shape[:2]
@@ -155,6 +267,16 @@ class ImagePreprocessor:
         left, top = (nw - w) // 2, (nh - h) // 2
         out = resized[top : top + h, left : left + w]
         return out, Transform(scale, scale, -float(left), -float(top), src_w, src_h)
+
+
+class _Plan(NamedTuple):
+    size: tuple[int, int] | None  # resize to (width, height); None: the frame has the model's size
+    interpolation: int
+    border: tuple[int, int, int, int] | None  # letterbox: top, bottom, left, right
+    crop: tuple[int, int] | None  # crop: top, left
+    fill: list[int]
+    transform: Transform
+    to_gray: bool = False  # BGR frame for a gray model
 
 
 def _per_channel(values: list[float], channels: int, key: str) -> np.ndarray:

@@ -15,6 +15,7 @@ from agent.errors import BundleError
 from agent.processing.image import Transform
 
 SMALL = 256  # outputs up to this size are post-processed in plain Python
+NMS_MATRIX = 256  # up to this many candidates NMS computes all pairwise IoUs at once
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -46,23 +47,41 @@ def classify(
     flat = np.asarray(scores, dtype=np.float32).reshape(-1)
     if apply_softmax is None:
         apply_softmax = needs_softmax(flat, spec)
-    k = min(spec.top_k, flat.size)
     if flat.size <= SMALL:
         # a few hundred classes: plain Python on one list is several times faster than a chain of NumPy calls
-        values = flat.tolist()
-        if apply_softmax:
-            peak = max(values)
-            exps = [math.exp(v - peak) for v in values]
-            total = sum(exps)
-            values = [e / total for e in exps]
-        top = sorted(range(len(values)), key=values.__getitem__, reverse=True)[:k]
-        scored = [(i, values[i]) for i in top]
-    else:
-        if apply_softmax:
-            flat = softmax(flat)
-        idx = _top_k_large(flat, k)
-        scored = list(zip(idx.tolist(), flat[idx].tolist(), strict=True))
-    classes = [{"index": i, "label": _label(labels, i), "score": round(v, 6)} for i, v in scored if v >= threshold]
+        return classify_values(flat.tolist(), spec.top_k, labels, threshold, apply_softmax)
+    k = min(spec.top_k, flat.size)
+    if apply_softmax:
+        flat = softmax(flat)
+    idx = _top_k_large(flat, k)
+    scored = zip(idx.tolist(), flat[idx].tolist(), strict=True)
+    return _classes([(i, v) for i, v in scored if v >= threshold], labels)
+
+
+def classify_values(
+    values: list[float], top_k: int, labels: list[str] | None, threshold: float, apply_softmax: bool
+) -> dict[str, Any]:
+    """``classify`` on scores already read into a list of floats (float32 values, as ``tolist`` gives)."""
+    if apply_softmax:
+        peak = max(values)
+        exps = [math.exp(v - peak) for v in values]
+        total = sum(exps)
+        values = [e / total for e in exps]
+    top = sorted(range(len(values)), key=values.__getitem__, reverse=True)[:top_k]
+    names = labels or []
+    classes = [
+        {"index": i, "label": names[i] if i < len(names) else str(i), "score": round(v, 6)}
+        for i in top
+        if (v := values[i]) >= threshold
+    ]
+    if not classes:
+        return {"top": classes, "label": None, "score": None}
+    best = classes[0]
+    return {"top": classes, "label": best["label"], "score": best["score"]}
+
+
+def _classes(scored: list[tuple[int, float]], labels: list[str] | None) -> dict[str, Any]:
+    classes = [{"index": i, "label": _label(labels, i), "score": round(v, 6)} for i, v in scored]
     best = classes[0] if classes else None
     return {"top": classes, "label": best["label"] if best else None, "score": best["score"] if best else None}
 
@@ -82,8 +101,8 @@ def to_xyxy(boxes: np.ndarray, box_format: str) -> np.ndarray:
         return boxes
     if box_format == "yxyx":
         return boxes[:, [1, 0, 3, 2]]
-    cx, cy, w, h = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
-    return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+    centre, half = boxes[:, :2], boxes[:, 2:4] / 2
+    return np.concatenate((centre - half, centre + half), axis=1)
 
 
 def iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -102,10 +121,18 @@ def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshol
     """Class-aware greedy non-maximum suppression; returns kept indices by descending score."""
     if len(boxes) == 0:
         return np.empty(0, dtype=np.int64)
+    if len(boxes) == 1:  # nothing to suppress
+        return np.zeros(1 if max_out > 0 else 0, dtype=np.int64)
     # Offsetting boxes per class keeps classes from suppressing each other in one pass.
-    span = float(np.max(boxes) - np.min(boxes)) + 1.0
+    span = float(boxes.max() - boxes.min()) + 1.0
     shifted = boxes + (classes.astype(np.float32) * span)[:, None]
     order = np.argsort(-scores, kind="stable")
+    if len(boxes) <= NMS_MATRIX:
+        return _nms_matrix(shifted, order, iou_threshold, max_out)
+    return _nms_loop(shifted, order, iou_threshold, max_out)
+
+
+def _nms_loop(shifted: np.ndarray, order: np.ndarray, iou_threshold: float, max_out: int) -> np.ndarray:
     keep: list[int] = []
     while order.size and len(keep) < max_out:
         i = int(order[0])
@@ -114,6 +141,30 @@ def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshol
             break
         ious = iou_one_to_many(shifted[i], shifted[order[1:]])
         order = order[1:][ious <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def _nms_matrix(shifted: np.ndarray, order: np.ndarray, iou_threshold: float, max_out: int) -> np.ndarray:
+    """``_nms_loop`` for a few candidates: every pairwise IoU in one vectorized pass, then the greedy walk
+    in plain Python. The same float32 arithmetic per pair as ``iou_one_to_many``, so the same decisions."""
+    top_left = np.maximum(shifted[:, None, :2], shifted[None, :, :2])  # [i, j]: x1, y1 of the intersection
+    bottom_right = np.minimum(shifted[:, None, 2:], shifted[None, :, 2:])
+    # maximum(., 0) where iou_one_to_many clips at 0: they can differ only in the sign of a zero (NaN stays
+    # NaN in both), which changes no comparison below
+    sides = np.maximum(bottom_right - top_left, 0)
+    inter = sides[..., 0] * sides[..., 1]
+    extent = shifted[:, 2:] - shifted[:, :2]
+    areas = extent[:, 0] * extent[:, 1]
+    union = areas[:, None] + areas[None, :] - inter
+    ious = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+    kept_by = (ious <= iou_threshold).tolist()  # kept_by[i][j]: j survives i
+    rest = order.tolist()
+    keep: list[int] = []
+    while rest and len(keep) < max_out:
+        i = rest[0]
+        keep.append(i)
+        row = kept_by[i]
+        rest = [j for j in rest[1:] if row[j]]
     return np.asarray(keep, dtype=np.int64)
 
 
@@ -126,15 +177,27 @@ def _detections(
 ) -> list[dict[str, Any]]:
     if transform is not None and len(boxes_xyxy):
         boxes_xyxy = transform.to_source(boxes_xyxy)
+    # tolist: the same Python floats/ints as float()/int() of each element, without per-element NumPy scalars
     return [
         {
-            "label": _label(labels, int(c)),
-            "class": int(c),
-            "score": round(float(s), 5),
-            "box": [round(float(v), 1) for v in b],
+            "label": _label(labels, c),
+            "class": c,
+            "score": round(s, 5),
+            "box": [round(v, 1) for v in b],
         }
-        for b, s, c in zip(boxes_xyxy, scores, classes, strict=True)
+        for b, s, c in zip(
+            _floats(boxes_xyxy),
+            _floats(scores),
+            np.asarray(classes).astype(np.int64, copy=False).tolist(),
+            strict=True,
+        )
     ]
+
+
+def _floats(values: np.ndarray) -> list[Any]:
+    """``tolist`` with Python floats (as ``float()`` of each element gives) whatever the dtype."""
+    values = np.asarray(values)
+    return (values if values.dtype.kind == "f" else values.astype(np.float64)).tolist()
 
 
 def detect_yolo(
@@ -164,15 +227,17 @@ def detect_yolo(
     scores = class_scores[np.arange(len(pred)), classes]
     if spec.objectness:
         scores = scores * pred[:, 4]
-    mask = scores >= threshold
-    boxes = to_xyxy(pred[mask, :4], spec.box_format)
+    picked = np.flatnonzero(scores >= threshold)
+    if not picked.size:  # nothing above the threshold: what the steps below give for no candidates
+        return {"detections": [], "candidates": 0}
+    boxes = to_xyxy(pred[picked, :4], spec.box_format)
     if spec.normalized_boxes:
         boxes = boxes * np.asarray([input_size[0], input_size[1]] * 2, dtype=np.float32)
-    scores, classes = scores[mask], classes[mask]
+    scores, classes = scores[picked], classes[picked]
     keep = nms(boxes, scores, classes, spec.iou_threshold, spec.max_detections)
     return {
         "detections": _detections(boxes[keep], scores[keep], classes[keep], labels, transform),
-        "candidates": int(mask.sum()),
+        "candidates": int(picked.size),
     }
 
 

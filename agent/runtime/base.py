@@ -124,10 +124,19 @@ class Model(abc.ABC):
 
     def predict(self, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray] | np.ndarray) -> list[np.ndarray]:
         """Run one inference; returns outputs in model order, dequantized to float32."""
-        arrays = self._arrange(inputs)
-        prepared = [self.prepare_input(t, a) for t, a in zip(self.inputs, arrays, strict=True)]
-        raw = self.run_raw(prepared)
+        return self.dequantize_outputs(self.predict_raw(inputs))
+
+    def dequantize_outputs(self, raw: list[np.ndarray]) -> list[np.ndarray]:
+        """Raw outputs (``run_raw``) to what ``predict`` returns: quantized integer outputs to float32."""
         return [quant.dequantize(a, t.quant) if t.is_quantized else a for t, a in zip(self.outputs, raw, strict=True)]
+
+    def predict_raw(self, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray] | np.ndarray) -> list[np.ndarray]:
+        """``predict`` without the dequantization: outputs as the runtime returns them."""
+        specs = self.info.inputs
+        if type(inputs) is list and len(inputs) == 1 == len(specs):  # the common case, without _arrange
+            return self.run_raw([self.prepare_input(specs[0], inputs[0])])
+        arrays = self._arrange(inputs)
+        return self.run_raw([self.prepare_input(t, a) for t, a in zip(self.inputs, arrays, strict=True)])
 
     def prepare_input(self, tensor: TensorInfo, array: np.ndarray) -> np.ndarray:
         """Cast or quantize ``array`` to ``tensor``'s dtype and check its shape."""
