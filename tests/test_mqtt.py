@@ -121,6 +121,9 @@ def test_no_result_lost_across_kill9_of_broker_and_agent(tmp_path: Path, broker:
     proc = start_agent(["run", "--config", str(config)], output_dir=tmp_path)
     try:
         sub.wait_for("edge/dev1/results/digits", count=20, timeout=30)
+        # The consumer's persistent session must be on disk before each crash, or the restarted broker has no
+        # subscriber to queue the agent's replayed results for until the consumer re-subscribes (a race).
+        broker.wait_for_save()
         broker.kill()  # the broker crashes: results pile up in the outbox
         time.sleep(2.0)
         broker.restart()
@@ -129,6 +132,7 @@ def test_no_result_lost_across_kill9_of_broker_and_agent(tmp_path: Path, broker:
         assert wait_until(lambda: len(sub.messages()) > before + 40, timeout=30)
         os.kill(proc.pid, signal.SIGKILL)  # the agent crashes: what is in its outbox must still arrive
         proc.wait()
+        broker.wait_for_save()
         broker.kill()
         proc = start_agent(["run", "--config", str(config)], output_dir=tmp_path)
         time.sleep(2.0)

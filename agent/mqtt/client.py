@@ -291,10 +291,12 @@ class MqttLink:
         self.connected_since = time.time()
         self.last_error = None
         log.info("mqtt connected", broker=f"{self.address.host}:{self.address.port}", reconnects=self.reconnects)
-        info = client.publish(self.topics.status, self._status_online(), qos=1, retain=True)
-        self._note_direct(info.mid)
+        # Subscribe before announcing "online": the broker handles one connection's packets in order, so a client
+        # that sees the status can send a request (predict, command) at once and it is not lost.
         for topic_filter in list(self._subscriptions):
             client.subscribe(topic_filter, qos=1)
+        info = client.publish(self.topics.status, self._status_online(), qos=1, retain=True)
+        self._note_direct(info.mid)
         for hook in self._on_connect_hooks:
             try:
                 hook()
