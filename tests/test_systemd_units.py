@@ -207,3 +207,22 @@ def test_bad_options_are_refused(prefix: Path) -> None:
     for args in (["--bogus"], ["--board", "beaglebone"], ["--purge"]):
         result = _run("bash", INSTALL, "--dry-run", "--prefix", prefix, *args)
         assert result.returncode == 2 and "install.sh:" in result.stderr, args
+
+
+# ---- the fleet server's unit ------------------------------------------------------------------------------------
+
+FLEET_UNIT = ROOT / "systemd" / "fleet-server.service"
+FLEET_EXEC = "/opt/fleet/venv/bin/fleet"
+
+
+def test_fleet_unit_verifies_and_is_sandboxed(analyze: str, tmp_path: Path) -> None:
+    candidate = Path(sys.executable).with_name("fleet")
+    exe = str(candidate) if candidate.exists() else shutil.which("true") or "/bin/true"
+    text = FLEET_UNIT.read_text()
+    assert text.count(f"ExecStart={FLEET_EXEC} serve --config /etc/fleet/fleet.toml") == 1
+    copy = tmp_path / "fleet-server.service"
+    copy.write_text(text.replace(f"ExecStart={FLEET_EXEC} ", f"ExecStart={exe} "))
+    result = _run(analyze, "verify", copy)
+    assert result.returncode == 0 and (result.stdout + result.stderr).strip() == "", result.stdout + result.stderr
+    security = _run(analyze, "security", "--offline=true", FLEET_UNIT)
+    assert _exposure(security.stdout + security.stderr) <= MAX_EXPOSURE, security.stdout
