@@ -183,3 +183,29 @@ def test_broker_restart_in_the_middle_of_a_transfer(tmp_path: Path, broker: Any,
     finally:
         stop(proc)
         fleet.close()
+
+
+def test_clean_stops_in_trial_are_not_a_crash_loop(tmp_path: Path, broker: Any, fleet: Fleet, mqtt_client: Any) -> None:
+    """SIGTERM in trial three times (e.g. `systemctl restart`): the trial resumes each time and commits; only crashes
+    count against the loop guard."""
+    sub = mqtt_client(broker, "edge/#")
+    config = agent_config(tmp_path, broker, fleet)
+    results = tmp_path / "results-dev1.jsonl"
+    hold = {"EDGE_AGENT_FAULT_HOLD": "trial:60"}
+    proc = start(config, tmp_path, env=hold)
+    try:
+        wait_serving(results, "1.0.0")
+        fleet.deploy("dev1", fleet.publish(build_bundle(tmp_path, "1.1.0"), "1.1.0"))
+        wait_state(sub, "trial")
+        for _ in range(3):
+            assert stop(proc) == 0
+            assert _active_bundle(tmp_path) == "1.1.0"
+            proc = start(config, tmp_path, env=hold)
+            wait_serving(results, "1.1.0")
+        assert stop(proc) == 0
+        proc = start(config, tmp_path)
+        wait_state(sub, "committed")
+        assert "rolled_back" not in chain(sub)
+        wait_serving(results, "1.1.0")
+    finally:
+        stop(proc)

@@ -153,6 +153,16 @@ class UpdateManager:
         state = store.load()
         if state is None or state.terminal:
             return
+        marker = self._graceful_marker(name)
+        try:
+            stopped = json.loads(marker.read_text()).get("update_id")
+        except (OSError, ValueError, AttributeError):
+            stopped = None
+        marker.unlink(missing_ok=True)
+        if state.state == "trial" and stopped == state.update_id:
+            # Stopped cleanly (SIGTERM) during the trial: no crash, so no attempt counted; the window starts again.
+            log.info("update trial resumes after a clean stop", pipeline=name, version=state.target.version)
+            return
         now = time.time()
         resumed = recover(state, now, self.cfg.max_attempts)
         if resumed is not state:
@@ -170,6 +180,9 @@ class UpdateManager:
             log.warning("update rolled back after restart", pipeline=name, reason=current.reason)
         if current is not None and current.terminal:
             self._cleanup(name, current)
+
+    def _graceful_marker(self, name: str) -> Path:
+        return self.dir / f"{name}.stopped-in-trial"
 
     def _active_is_candidate(self, name: str, state: UpdateState) -> bool:
         active = self.slots[name].active_path()
@@ -205,6 +218,10 @@ class UpdateManager:
         self._queue.put(STOP)
         if self._thread is not None:
             self._thread.join(10)
+        for name in self.stores:  # a clean stop in trial is not a crash (see _recover_update)
+            state = self.stores[name].load()
+            if state is not None and state.state == "trial":
+                _atomic_json(self._graceful_marker(name), {"update_id": state.update_id, "at": time.time()})
         for shadow in self._shadows.values():
             shadow.candidate.close()
         self._shadows.clear()
