@@ -682,6 +682,20 @@ class Registry:
             known.update(r[0] for r in conn.execute(sa.select(devices_t.c.id).where(devices_t.c.id.in_(chunk))))
         return known
 
+    def _split_known(
+        self, conn: Connection, rows: Mapping[tuple[Any, ...], dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """Rows keyed by (device id, ...): those of provisioned devices in key order, and counts per unknown id."""
+        known = self._known(conn, (k[0] for k in rows))
+        good: list[dict[str, Any]] = []
+        unknown: dict[str, int] = {}
+        for key in sorted(rows):
+            if key[0] in known:
+                good.append(rows[key])
+            else:
+                unknown[key[0]] = unknown.get(key[0], 0) + 1
+        return good, unknown
+
     def _count_unknown(self, conn: Connection, counts: Mapping[str, int], kind: str, now: float) -> None:
         """Count messages from unprovisioned ids; the first sighting of an id is audited."""
         if not counts:
@@ -953,14 +967,7 @@ class Registry:
 
         def work(conn: Connection) -> IngestStats:
             out = IngestStats(invalid=stats.invalid, duplicates=stats.duplicates)
-            known = self._known(conn, (k[0] for k in rows))
-            unknown: dict[str, int] = {}
-            good = []
-            for key in sorted(rows):
-                if key[0] in known:
-                    good.append(rows[key])
-                else:
-                    unknown[key[0]] = unknown.get(key[0], 0) + 1
+            good, unknown = self._split_known(conn, rows)
             new: list[dict[str, Any]] = []
             if good:
                 u = updates_t
@@ -1030,14 +1037,7 @@ class Registry:
 
         def work(conn: Connection) -> IngestStats:
             out = IngestStats(invalid=stats.invalid, duplicates=stats.duplicates)
-            known = self._known(conn, (k[0] for k in rows))
-            unknown: dict[str, int] = {}
-            good = []
-            for key in sorted(rows):
-                if key[0] in known:
-                    good.append(rows[key])
-                else:
-                    unknown[key[0]] = unknown.get(key[0], 0) + 1
+            good, unknown = self._split_known(conn, rows)
             seen: set[str] = set()
             if good:
                 e = events_t

@@ -227,9 +227,9 @@ def _write_private(path: Path, data: bytes) -> None:
 def ensure_ca(ca_dir: Path) -> tuple[Any, Any]:
     """The fleet CA (certificate, private key) under ``ca_dir``, created on first use (key mode 0600)."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from cryptography.hazmat.primitives import serialization
+
+    from fleet import pki
 
     cert_path, key_path = ca_dir / "ca.crt", ca_dir / "ca.key"
     if cert_path.is_file() and key_path.is_file():
@@ -243,105 +243,28 @@ def ensure_ca(ca_dir: Path) -> tuple[Any, Any]:
         raise FleetError(f"the fleet CA in {ca_dir} is incomplete", "restore ca.crt and ca.key from a backup")
     ca_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(ca_dir, 0o700)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edge fleet"),
-            x509.NameAttribute(NameOID.COMMON_NAME, "edge fleet CA"),
-        ]
-    )
+    key = pki.new_key()
     now = dt.datetime.now(dt.timezone.utc)
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ski, critical=False)
-        .sign(key, hashes.SHA256())
+    cert = pki.ca_certificate(
+        key, pki.name("edge fleet CA", "edge fleet"), now - dt.timedelta(hours=1), now + dt.timedelta(days=3650)
     )
-    pem_key = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    _write_private(key_path, pem_key)
-    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(key_path, pki.key_pem(key))
+    write_atomic(cert_path, pki.cert_pem(cert))
     return cert, key
 
 
 def issue_client_cert(ca_dir: Path, device_id: str, days: int = 1825) -> tuple[bytes, bytes, bytes]:
     """(certificate PEM, private key PEM, CA certificate PEM) for a device: CN = device id, client auth only."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from fleet import pki
 
     ca_cert, ca_key = ensure_ca(ca_dir)
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = pki.new_key()
     now = dt.datetime.now(dt.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edge fleet"),
-                    x509.NameAttribute(NameOID.COMMON_NAME, device_id),
-                ]
-            )
-        )
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
+    subject = pki.name(device_id, "edge fleet")
+    cert = pki.leaf_certificate(
+        ca_cert, ca_key, key, subject, now - dt.timedelta(hours=1), now + dt.timedelta(days=days)
     )
-    pem_key = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return (
-        cert.public_bytes(serialization.Encoding.PEM),
-        pem_key,
-        ca_cert.public_bytes(serialization.Encoding.PEM),
-    )
+    return pki.cert_pem(cert), pki.key_pem(key), pki.cert_pem(ca_cert)
 
 
 # ---- agent.toml and INSTALL.md -----------------------------------------------------------------------------

@@ -156,106 +156,35 @@ def make_certs(directory: Path, client_names: Iterable[str] = ("dev1",)) -> Cert
     EC P-256 keys, valid from now-1 day to now+30 days, written as PEM (keys unencrypted, mode 0600).
     """
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from fleet import pki
 
     directory.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.timezone.utc)
     not_before, not_after = now - dt.timedelta(days=1), now + dt.timedelta(days=30)
 
-    def write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
-        pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        path.write_bytes(pem)
+    def write_key(key: Any, path: Path) -> Path:
+        path.write_bytes(pki.key_pem(key))
         path.chmod(0o600)
         return path
 
     def write_cert(cert: x509.Certificate, path: Path) -> Path:
-        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        path.write_bytes(pki.cert_pem(cert))
         return path
 
-    def name(cn: str) -> x509.Name:
-        return x509.Name(
-            [
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edge-agent tests"),
-                x509.NameAttribute(NameOID.COMMON_NAME, cn),
-            ]
-        )
+    def leaf(cn: str, server: bool, sans: list[x509.GeneralName]) -> tuple[x509.Certificate, Any]:
+        key = pki.new_key()
+        subject = pki.name(cn, "edge-agent tests")
+        return pki.leaf_certificate(ca_cert, ca_key, key, subject, not_before, not_after, server=server, sans=sans), key
 
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = name("edge-agent test CA")
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ca_ski, critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    def leaf(cn: str, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]) -> tuple[x509.Certificate, Any]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name(cn))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=True,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
-        )
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        return builder.sign(ca_key, hashes.SHA256()), key
-
+    ca_key = pki.new_key()
+    ca_cert = pki.ca_certificate(ca_key, pki.name("edge-agent test CA", "edge-agent tests"), not_before, not_after)
     server_cert, server_key = leaf(
-        "localhost",
-        ExtendedKeyUsageOID.SERVER_AUTH,
-        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+        "localhost", True, [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     )
     clients: dict[str, tuple[Path, Path]] = {}
     for client in client_names:
-        cert, key = leaf(client, ExtendedKeyUsageOID.CLIENT_AUTH, [])
+        cert, key = leaf(client, False, [])
         clients[client] = (write_cert(cert, directory / f"{client}.crt"), write_key(key, directory / f"{client}.key"))
     return Certs(
         directory=directory,

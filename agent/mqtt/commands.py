@@ -7,7 +7,6 @@ command gets one acknowledgement on ``ack``: ``{"id", "command", "ok", "error" |
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
@@ -19,6 +18,7 @@ import structlog
 from agent.protocol import ProtocolError, parse_json_object
 from agent.protocol.update import parse_envelope
 from agent.update.commands import CommandRejected, verify_device_command
+from agent.update.store import read_json_object, write_json_atomic
 from agent.update.trust import RepositoryUnavailable, UntrustedMetadata
 
 if TYPE_CHECKING:
@@ -87,7 +87,6 @@ class CommandHandler:
                 envelope,
                 trust.command_keys(),
                 device_id=self.service.device_id,
-                groups=set(updates.cfg.groups),
                 last_seq=self._last_seq(),
                 now=time.time(),
                 max_clock_skew_s=updates.cfg.max_clock_skew_s,
@@ -102,17 +101,11 @@ class CommandHandler:
             return check()
 
     def _last_seq(self) -> int:
-        try:
-            value = json.loads(self.state_file.read_text()).get("seq", 0)
-            return value if isinstance(value, int) else 0
-        except (OSError, ValueError, AttributeError):
-            return 0
+        value = read_json_object(self.state_file).get("seq", 0)
+        return value if isinstance(value, int) else 0
 
     def _remember(self, seq: int) -> None:
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"seq": seq}))
-        tmp.replace(self.state_file)
+        write_json_atomic(self.state_file, {"seq": seq})  # durable: a replay after a power cut is still refused
 
     def _run(self, name: str, args: dict[str, str]) -> dict[str, Any]:
         daemon = self.service.daemon

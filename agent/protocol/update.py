@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -269,7 +269,7 @@ def parse_chunk_request(payload: bytes) -> ChunkRequest:
 # ---- update states (device -> fleet) ---------------------------------------------------------------
 
 
-UPDATE_STATES = (
+UpdateStateName = Literal[
     "offered",
     "rejected",
     "downloading",
@@ -281,7 +281,9 @@ UPDATE_STATES = (
     "committed",
     "rolled_back",
     "failed",
-)
+]
+#: The update lifecycle's state names, in lifecycle order (``agent.update.state`` uses the same tuple).
+UPDATE_STATES: tuple[str, ...] = get_args(UpdateStateName)
 
 
 class UpdateStatus(BaseModel):
@@ -296,19 +298,7 @@ class UpdateStatus(BaseModel):
     command_id: str | None = None
     seq: int | None = None
     pipeline: str
-    state: Literal[
-        "offered",
-        "rejected",
-        "downloading",
-        "downloaded",
-        "validating",
-        "shadow",
-        "activating",
-        "trial",
-        "committed",
-        "rolled_back",
-        "failed",
-    ]
+    state: UpdateStateName
     reason: str | None = None
     target: str | None = None  # TUF target path
     name: str | None = None

@@ -176,15 +176,12 @@ def verify_device_command(
     keys: CommandKeys,
     *,
     device_id: str,
-    groups: set[str] | frozenset[str] = frozenset(),
     last_seq: int,
     now: float,
     max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S,
 ) -> DeviceCommand:
     """The device command in ``envelope`` once it is trusted for this device; CommandRejected(reason) otherwise.
-
-    Device commands always name one device; ``groups`` is accepted for symmetry with :func:`verify_deploy`.
-    """
+    Device commands always name one device (no groups)."""
     what = "device command"
     _check_signatures(envelope, keys, what)
     try:

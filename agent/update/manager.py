@@ -9,14 +9,12 @@ taken, so ``kill -9`` at any instant resumes (``recover``) with a working model 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import platform
 import queue
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,7 +61,7 @@ from agent.update.state import (
     recover,
     transition,
 )
-from agent.update.store import UpdateStore
+from agent.update.store import UpdateStore, read_json_object, write_json_atomic
 from agent.update.trust import (
     RepositoryUnavailable,
     TrustClient,
@@ -108,6 +106,7 @@ class UpdateManager:
         self.slots = {name: SlotStore(self.state_dir, name) for name in config.pipelines}
         self.stores = {name: UpdateStore(self.dir / f"{name}.json") for name in config.pipelines}
         self._candidates: dict[str, Predictor] = {}
+        self._commands: dict[str, DeployCommand | None] = {}  # pipeline -> deployment of its current update
         self._queue: queue.Queue[Any] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -154,10 +153,7 @@ class UpdateManager:
         if state is None or state.terminal:
             return
         marker = self._graceful_marker(name)
-        try:
-            stopped = json.loads(marker.read_text()).get("update_id")
-        except (OSError, ValueError, AttributeError):
-            stopped = None
+        stopped = read_json_object(marker).get("update_id")
         marker.unlink(missing_ok=True)
         if state.state == "trial" and stopped == state.update_id:
             # Stopped cleanly (SIGTERM) during the trial: no crash, so no attempt counted; the window starts again.
@@ -221,7 +217,7 @@ class UpdateManager:
         for name in self.stores:  # a clean stop in trial is not a crash (see _recover_update)
             state = self.stores[name].load()
             if state is not None and state.state == "trial":
-                _atomic_json(self._graceful_marker(name), {"update_id": state.update_id, "at": time.time()})
+                write_json_atomic(self._graceful_marker(name), {"update_id": state.update_id, "at": time.time()})
         for shadow in self._shadows.values():
             shadow.candidate.close()
         self._shadows.clear()
@@ -332,25 +328,24 @@ class UpdateManager:
             return ""
 
     def _last_command(self) -> dict[str, Any]:
-        path = self.dir / "last-command.json"
-        try:
-            data = json.loads(path.read_text())
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}
+        return read_json_object(self.dir / "last-command.json")
 
     def _remember_command(self, command: DeployCommand) -> None:
-        _atomic_json(self.dir / "last-command.json", {"seq": command.seq, "id": command.id})
+        write_json_atomic(self.dir / "last-command.json", {"seq": command.seq, "id": command.id})
 
     def _write_command(self, name: str, envelope: SignedEnvelope, command: DeployCommand) -> None:
-        _atomic_json(self.dir / f"{name}.{COMMAND_FILE}", envelope.model_dump())
+        write_json_atomic(self.dir / f"{name}.{COMMAND_FILE}", envelope.model_dump())
+        self._commands[name] = command
 
     def _read_command(self, name: str) -> DeployCommand | None:
-        try:
-            data = json.loads((self.dir / f"{name}.{COMMAND_FILE}").read_text())
-            return parse_deploy_command(data["signed"])
-        except (OSError, ValueError, KeyError, TypeError, ProtocolError):
-            return None
+        """The deployment of the pipeline's current update (read from disk once after a restart, then kept)."""
+        if name not in self._commands:
+            signed = read_json_object(self.dir / f"{name}.{COMMAND_FILE}").get("signed")
+            try:
+                self._commands[name] = parse_deploy_command(signed) if isinstance(signed, dict) else None
+            except ProtocolError:
+                self._commands[name] = None
+        return self._commands[name]
 
     # ---- the update, step by step -------------------------------------------------------------------
 
@@ -730,18 +725,3 @@ def _all_finite(value: Any) -> bool:
     if isinstance(value, (list, tuple)):
         return all(_all_finite(v) for v in value)
     return True
-
-
-def _atomic_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

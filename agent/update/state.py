@@ -34,19 +34,9 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-STATES: tuple[str, ...] = (
-    "offered",
-    "rejected",
-    "downloading",
-    "downloaded",
-    "validating",
-    "shadow",
-    "activating",
-    "trial",
-    "committed",
-    "rolled_back",
-    "failed",
-)
+from agent.protocol.update import UPDATE_STATES
+
+STATES: tuple[str, ...] = UPDATE_STATES  # the wire contract's names, in lifecycle order
 TERMINAL: frozenset[str] = frozenset({"rejected", "committed", "rolled_back", "failed"})
 NON_TERMINAL: tuple[str, ...] = tuple(s for s in STATES if s not in TERMINAL)
 #: States whose ``reason`` must be set (and only these).

@@ -139,21 +139,7 @@ class UpdateStore:
         log.warning("update_store_corrupt_file_moved", path=str(path), moved_to=str(aside), why=why)
 
     def _write_json(self, path: Path, document: dict[str, Any]) -> None:
-        payload = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-        try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                temp.unlink()
-            raise
-        _fsync_dir(path.parent)
+        write_json_atomic(path, document)
 
     def _remove_temp_files(self) -> None:
         for name in (self.path.name, self.ran_path.name):
@@ -161,6 +147,35 @@ class UpdateStore:
                 with contextlib.suppress(OSError):
                     temp.unlink()
                     log.info("update_store_temp_file_removed", path=str(temp))
+
+
+def write_json_atomic(path: Path, document: Any) -> None:
+    """Write ``document`` as JSON so that ``path`` is the old file or the new one after any crash or power cut:
+    temp file, fsync, rename, fsync of the directory. Leftover ``.<name>.tmp-*`` files are harmless."""
+    payload = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; an empty dict when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _fsync_dir(directory: Path) -> None:
