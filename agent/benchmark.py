@@ -85,6 +85,37 @@ def measure(
     }
 
 
+def interleaved(steps: dict[str, Callable[[], Any]], seconds: float, block: int = 25) -> dict[str, dict[str, Any]]:
+    """Measure several steps in alternating blocks of ``block`` calls for ``seconds`` each, so the machine's
+    drift and noise (other tenants, frequency changes) hit all of them alike: throughput and latency per step."""
+    perf = time.perf_counter
+    latencies: dict[str, list[float]] = {name: [] for name in steps}
+    spent = dict.fromkeys(steps, 0.0)
+    for step in steps.values():
+        for _ in range(20):
+            step()
+    deadline = perf() + seconds * len(steps)
+    while perf() < deadline:
+        for name, step in steps.items():
+            step()  # the first call after another step's block is not counted: all steps start alike
+            lat = latencies[name]
+            begin = perf()
+            for _ in range(block):
+                t0 = perf()
+                step()
+                lat.append((perf() - t0) * 1000.0)
+            spent[name] += perf() - begin
+    return {
+        name: {
+            "iterations": len(latencies[name]),
+            "seconds": round(spent[name], 3),
+            "throughput_per_s": round(len(latencies[name]) / spent[name], 2) if spent[name] else 0.0,
+            "latency_ms": percentiles(latencies[name]),
+        }
+        for name in steps
+    }
+
+
 def bare_loop(predictor: Predictor) -> Callable[[], Any]:
     """The runtime alone: the same model fed ready-made input tensors, no pre/post-processing."""
     model = predictor.model

@@ -1,4 +1,4 @@
-"""Pipelines: capture -> pre-process -> inference -> sinks, in threads joined by bounded queues.
+"""Pipelines: capture -> pre-process -> inference -> post-process/publish, in threads joined by bounded queues.
 
 OpenCV and the runtimes release the GIL, so the stages overlap. Queues between
 stages hold at most ``queue_size`` items and the newest wins when one is full:
@@ -21,9 +21,10 @@ from agent.benchmark import percentiles
 from agent.bundle import TimeSeriesInput
 from agent.config import PipelineConfig
 from agent.errors import AgentError
+from agent.handoff import Handoff
 from agent.predictor import Prediction, Predictor, Prepared
 from agent.processing.timeseries import Windower
-from agent.sources import Sample, Source
+from agent.sources import FrameHint, Sample, Source
 
 log = structlog.get_logger(__name__)
 
@@ -35,8 +36,11 @@ class LatestQueue:
         if maxsize < 1:
             raise ValueError("maxsize must be >= 1")
         self.maxsize = maxsize
+        # a producer blocked on a full queue is woken once the queue has run down to this, not per item taken:
+        # it then refills it while the consumer works (for maxsize 1 and 2: when empty)
+        self._refill_at = (maxsize - 1) // 2
         self._items: collections.deque[Any] = collections.deque()
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())  # not re-entered: a plain lock is cheaper
         self._closed = False
         self.dropped = 0
 
@@ -64,7 +68,7 @@ class LatestQueue:
             if not self._items and not self._closed:
                 self._cond.wait(timeout)
             item = self._items.popleft() if self._items else None
-            if item is not None:
+            if item is not None and len(self._items) <= self._refill_at:
                 self._cond.notify_all()  # wake a producer blocked on a full queue
             return item
 
@@ -162,6 +166,8 @@ class Pipeline:
         self.stats = PipelineStats()
         self._pre_q = LatestQueue(config.queue_size)
         self._infer_q = LatestQueue(config.queue_size)
+        # inference -> post-processing and publishing: lossless; bounded so a slow post stage holds inference back
+        self._post_q: Handoff[tuple[Sample, Prepared, Predictor, list[Any] | str, float]] = Handoff(64)
         self._stop = threading.Event()
         self._crashed = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -175,6 +181,7 @@ class Pipeline:
         self._throttled = False
         # Called from the inference thread after each inference: (sample, prediction or None, inference ms, error).
         # The update manager watches the health of a new model through it and feeds its shadow model.
+        self._watcher: Predictor | None = None  # another model fed the same frames (see watch_frames)
         self.observer: Callable[[Sample, Prediction | None, float | None, str | None], None] | None = None
 
     @property
@@ -190,7 +197,14 @@ class Pipeline:
     # ---- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        for target, stage in ((self._capture_loop, "capture"), (self._pre_loop, "pre"), (self._infer_loop, "infer")):
+        self.source.want_frames(self._frame_hint())
+        stages = (
+            (self._capture_loop, "capture"),
+            (self._pre_loop, "pre"),
+            (self._infer_loop, "infer"),
+            (self._post_loop, "post"),
+        )
+        for target, stage in stages:
             t = threading.Thread(target=self._guard(target, stage), name=f"{self.name}-{stage}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -225,7 +239,17 @@ class Pipeline:
         with self._swap_lock:
             old, self._predictor = self._predictor, predictor
             self._windower = self._make_windower(predictor)
+        self.source.want_frames(self._frame_hint())
         return old
+
+    def watch_frames(self, predictor: Predictor | None) -> None:
+        """Another model fed this pipeline's frames (a shadow candidate) or None: frames suit both from now on."""
+        self._watcher = predictor
+        self.source.want_frames(self._frame_hint())
+
+    def _frame_hint(self) -> FrameHint | None:
+        hint = self._predictor.frame_hint
+        return hint if self._watcher is None else FrameHint.merge(hint, self._watcher.frame_hint)
 
     def _guard(self, target: Callable[[], None], stage: str) -> Callable[[], None]:
         def run() -> None:
@@ -240,6 +264,8 @@ class Pipeline:
                     self._pre_q.close()
                 elif stage == "pre":
                     self._infer_q.close()
+                elif stage == "infer":
+                    self._post_q.close()
 
         return run
 
@@ -316,19 +342,40 @@ class Pipeline:
             self._infer_one(sample, prepared, predictor)
 
     def _infer_one(self, sample: Sample, prepared: Prepared, predictor: Predictor) -> None:
+        """Inference only; post-processing and publishing happen in the post stage, beside the next inference."""
         self.busy_since = time.monotonic()
         t0 = time.perf_counter()
         try:
-            prediction = predictor.run(prepared)
+            raw: list[Any] | str = predictor.infer(prepared)
         except AgentError as exc:
-            self.stats.errors += 1
-            log.warning("inference failed", pipeline=self.name, error=str(exc))
-            if self.observer is not None:
-                self.observer(sample, None, None, str(exc))
-            return
+            raw = str(exc)
         finally:
             self.busy_since = None
-        infer_ms = (time.perf_counter() - t0) * 1000.0
+        item = (sample, prepared, predictor, raw, (time.perf_counter() - t0) * 1000.0)
+        while not self._post_q.put(item, timeout=0.5):  # results are never dropped: wait for the post stage
+            if self._post_q.closed or self._crashed.is_set():
+                return
+
+    def _post_loop(self) -> None:
+        while (batch := self._post_q.take_all()) is not None:
+            for sample, prepared, predictor, raw, infer_ms in batch:
+                self._publish(sample, prepared, predictor, raw, infer_ms)
+
+    def _publish(
+        self, sample: Sample, prepared: Prepared, predictor: Predictor, raw: list[Any] | str, infer_ms: float
+    ) -> None:
+        error = raw if isinstance(raw, str) else None
+        if error is None:
+            try:
+                prediction = predictor.finish(raw, prepared)  # type: ignore[arg-type]
+            except AgentError as exc:
+                error = str(exc)
+        if error is not None:
+            self.stats.errors += 1
+            log.warning("inference failed", pipeline=self.name, error=error)
+            if self.observer is not None:
+                self.observer(sample, None, None, error)
+            return
         done = time.monotonic()
         self._seq += 1
         self.stats.processed += 1
@@ -341,9 +388,17 @@ class Pipeline:
             "ts": round(time.time(), 3),
             "capture_ts": round(sample.timestamp, 3),
             "source_seq": sample.seq,
-        } | prediction.to_dict()
+            "task": prediction.task,
+            "model": prediction.model,
+            "version": prediction.version,
+            "latency_ms": round(prediction.latency_ms, 3),
+        }
+        record.update(prediction.result)  # the keys and order of Prediction.to_dict
+        if prediction.extra:
+            record.update(prediction.extra)
         self.emit(record)
-        self.first_result.set()
+        if not self.first_result.is_set():
+            self.first_result.set()
         if self.observer is not None:
             self.observer(sample, prediction, infer_ms, None)
 
@@ -356,7 +411,7 @@ class Pipeline:
             "runtime": self._predictor.model.info.runtime,
             "source": self.source.name,
             "source_health": self.source.health.to_dict(),
-            "queue_depth": len(self._pre_q) + len(self._infer_q),
+            "queue_depth": len(self._pre_q) + len(self._infer_q) + len(self._post_q),
             "stalled": self.stalled(),
             "failed": self.failed,
         } | self.stats.snapshot()

@@ -6,6 +6,8 @@ and refuses a mismatch; after that each call is one vectorized pass.
 
 from __future__ import annotations
 
+import functools
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -29,9 +31,10 @@ from agent.processing import postprocess
 from agent.processing.image import ImagePreprocessor, Transform, infer_layout
 from agent.processing.timeseries import WindowPreprocessor
 from agent.runtime import Model, load_model
+from agent.sources.base import FrameHint
 
 
-@dataclass
+@dataclass(slots=True)
 class Prediction:
     """One result: task-specific fields plus timing."""
 
@@ -90,6 +93,8 @@ class Predictor:
         self._classify_raw = self._raw_classifier()
         # the image pre-processing gives exactly the model's input tensor: nothing for prepare_input to do
         self._image_exact = self._image is not None and self._image.exact
+        # exact image tensors can be written into the runtime's input buffer (anomaly models keep their input)
+        self._fill_input = self._image_exact and meta.task != "anomaly"
 
     @classmethod
     def open(
@@ -245,6 +250,15 @@ class Predictor:
     def kind(self) -> str:
         return self.input_spec.kind
 
+    @property
+    def frame_hint(self) -> FrameHint | None:
+        """The least this model needs of camera frames (its input size, gray for gray models), for sources that
+        can decode less; None (full frames) for non-image models and detectors (boxes are in frame pixels)."""
+        image = self._image
+        if image is None or self.bundle.metadata.task not in ("classification", "anomaly"):
+            return None
+        return FrameHint(image.width, image.height, image.spec.color == "gray")
+
     def prepare(self, data: np.ndarray) -> Prepared:
         """Pre-process one image frame or (window, channels) block into model input tensors."""
         if self._image is not None:
@@ -260,6 +274,16 @@ class Predictor:
         """Inference and post-processing of a prepared input (thread-safe: one inference at a time)."""
         return self._run(prepared.tensors, prepared.transform, prepared.started)
 
+    def infer(self, prepared: Prepared) -> list[np.ndarray]:
+        """The inference alone: the runtime's raw outputs for ``finish`` (thread-safe: one at a time)."""
+        tensors = prepared.tensors
+        with self._lock:
+            return self.model.run_raw(tensors) if self._image_exact else self.model.predict_raw(tensors)
+
+    def finish(self, raw: list[np.ndarray], prepared: Prepared) -> Prediction:
+        """Post-processing of ``infer``'s outputs; may run in another thread, beside the next inference."""
+        return self._result(raw, prepared.transform, prepared.started, prepared.tensors[0])
+
     def _run(
         self, tensors: list[np.ndarray], transform: Transform | None, started: float, exact: bool = False
     ) -> Prediction:
@@ -267,11 +291,17 @@ class Predictor:
         with self._lock:
             model = self.model
             raw = model.run_raw(tensors) if exact else model.predict_raw(tensors)
-            result = None
-            if self._classify_raw is not None and self._softmax is not None:
-                result = self._classify_raw(raw, self._softmax)
-            if result is None:
-                result = self._post(tensors[0], model.dequantize_outputs(raw), transform)
+            return self._result(raw, transform, started, tensors[0])
+
+    def _result(
+        self, raw: list[np.ndarray], transform: Transform | None, started: float, model_input: np.ndarray | None = None
+    ) -> Prediction:
+        """Post-process raw outputs (``model_input``: needed by anomaly models only)."""
+        result = None
+        if self._classify_raw is not None and self._softmax is not None:
+            result = self._classify_raw(raw, self._softmax)
+        if result is None:
+            result = self._post(model_input, self.model.dequantize_outputs(raw), transform)
         latency = (time.perf_counter() - started) * 1000.0
         return Prediction(self.bundle.task, result, latency, self.bundle.name, self.bundle.version)
 
@@ -280,6 +310,11 @@ class Predictor:
         if self._image is None:
             raise InputError(f"model {self.bundle.name} does not take images", f"give {self.kind} input")
         start = time.perf_counter()
+        if self._fill_input:  # pre-process straight into the runtime's input buffer
+            with self._lock:
+                transform, raw = self.model.run_into(functools.partial(self._image.fill, frame))
+                if raw is not None:
+                    return self._result(raw, transform, start)
         tensor, transform = self._image(frame)
         return self._run([tensor], transform, start, self._image_exact)
 
@@ -328,24 +363,29 @@ class Predictor:
 
             # table[byte]: the dequantized value of the code whose byte is ``byte`` (so int8 codes index it too)
             table = quant.dequantize(np.arange(256, dtype=np.uint8).view(dtype), out.quant).tolist()
+            if not all(map(math.isfinite, table)):
+                return None
             rounded = [round(v, 6) for v in table]  # the reported score of each code (no softmax)
+            # rank[byte]: the order of the code's value among all 256 (equal values, equal ranks), so sorting the
+            # translated bytes sorts the scores; keep[byte]: the score clears the threshold
+            ordered = sorted(set(table))
+            rank = bytes(map({v: i for i, v in enumerate(ordered)}.__getitem__, table))
+            keep = [v >= threshold for v in table]
             value_of = table.__getitem__
             size = int(np.prod(out.shape))
             names = [labels[i] if labels and i < len(labels) else str(i) for i in range(size)]
+            indices = range(size)
 
             def classify_codes(raw: list[np.ndarray], softmax: bool) -> dict[str, Any] | None:
                 scores = raw[index]
                 if scores.dtype != dtype:
                     return None
                 codes = scores.tobytes()
-                values = list(map(value_of, codes))
-                if softmax or len(values) != size:
-                    return classify_values(values, top_k, labels, threshold, softmax)
-                # classify_values without softmax, with each score's rounding looked up
-                top = sorted(range(size), key=values.__getitem__, reverse=True)[:top_k]
-                classes = [
-                    {"index": i, "label": names[i], "score": rounded[codes[i]]} for i in top if values[i] >= threshold
-                ]
+                if softmax or len(codes) != size:
+                    return classify_values(list(map(value_of, codes)), top_k, labels, threshold, softmax)
+                # classify_values without softmax: codes sorted by rank, each score's rounding looked up
+                top = sorted(indices, key=codes.translate(rank).__getitem__, reverse=True)[:top_k]
+                classes = [{"index": i, "label": names[i], "score": rounded[codes[i]]} for i in top if keep[codes[i]]]
                 if not classes:
                     return {"top": classes, "label": None, "score": None}
                 best = classes[0]
@@ -363,7 +403,9 @@ class Predictor:
 
         return classify_floats
 
-    def _post(self, model_input: np.ndarray, outputs: list[np.ndarray], transform: Transform | None) -> dict[str, Any]:
+    def _post(
+        self, model_input: np.ndarray | None, outputs: list[np.ndarray], transform: Transform | None
+    ) -> dict[str, Any]:
         meta, labels = self.bundle.metadata, self.bundle.labels
         if meta.task == "classification":
             spec = meta.classification or ClassificationSpec()
@@ -379,6 +421,7 @@ class Predictor:
                 return postprocess.detect_yolo(outputs[0], det, labels, self._threshold, size, transform)
             return postprocess.detect_ssd(outputs, det, labels, self._threshold, size, transform)
         if meta.task == "anomaly":
+            assert model_input is not None, "anomaly models compare outputs with their input"
             model_input = self._dequantized_input(model_input)
             return postprocess.anomaly(
                 model_input, outputs, meta.anomaly or AnomalySpec(), meta.thresholds.get("anomaly")

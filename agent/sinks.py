@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import sys
 import threading
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from typing import Any, TextIO
 import structlog
 
 from agent.config import JsonlSinkConfig, StdoutSinkConfig
+from agent.handoff import Handoff
 
 log = structlog.get_logger(__name__)
 
@@ -117,11 +117,15 @@ class JsonlSink(Sink):
 
 
 class ResultBus:
-    """Fans results out to sinks from one thread; ``put`` blocks briefly when the queue is full."""
+    """Fans results out to sinks from one thread; ``emit`` blocks briefly when the queue is full.
+
+    Results reach the dispatcher through a ``Handoff``: the inference side does not pay a thread
+    wake-up per result while results keep coming.
+    """
 
     def __init__(self, sinks: dict[str, Sink], maxsize: int = 10_000) -> None:
         self.sinks = sinks
-        self._q: queue.Queue[tuple[list[str], dict[str, Any]] | None] = queue.Queue(maxsize)
+        self._queue: Handoff[tuple[list[str], dict[str, Any]]] = Handoff(maxsize)
         self._thread = threading.Thread(target=self._run, name="result-bus", daemon=True)
         self.delivered = 0
         self.overflowed = 0
@@ -134,35 +138,33 @@ class ResultBus:
         names = [n for n in sink_names if n in self.sinks]
 
         def emit(record: dict[str, Any]) -> None:
-            try:
-                self._q.put((names, record), timeout=5.0)
-            except queue.Full:
+            if not self._queue.put((names, record), timeout=5.0):
                 self.overflowed += 1
+                if self._queue.closed:
+                    log.warning("result after the sinks closed, dropped", pipeline=record.get("pipeline"))
+                    return
                 log.error("result queue full for 5 s: a sink is stuck, result dropped", pipeline=record.get("pipeline"))
 
         return emit
 
     def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            names, record = item
-            for name in names:
-                try:
-                    self.sinks[name].write(record)
-                except Exception:  # a sink bug must not stop the others
-                    log.exception("sink failed", sink=name)
-            for listener in self.listeners:
-                listener(record)
-            self.delivered += 1
+        while (batch := self._queue.take_all()) is not None:
+            for names, record in batch:
+                for name in names:
+                    try:
+                        self.sinks[name].write(record)
+                    except Exception:  # a sink bug must not stop the others
+                        log.exception("sink failed", sink=name)
+                for listener in self.listeners:
+                    listener(record)
+                self.delivered += 1
 
     def depth(self) -> int:
-        return self._q.qsize()
+        return len(self._queue)
 
     def close(self, timeout: float = 10.0) -> None:
         """Deliver everything queued, then flush and close the sinks."""
-        self._q.put(None)
+        self._queue.close()
         self._thread.join(timeout)
         for sink in self.sinks.values():
             sink.close()

@@ -80,6 +80,14 @@ def test_image_fast_path_equals_generic(color: str, resize: str, layout: str, dt
             assert _same_tensor(fast, generic), (frame.shape, frame.dtype)
             assert fast_tf == generic_tf
             assert fast.shape == shape and pre.exact == (fast.dtype == np.dtype(dtype))
+            # written in place (into a runtime's input buffer): the same tensor, or None and nothing written
+            out = np.full(shape, 7, dtype=np.dtype(dtype))
+            filled_tf = pre.fill(frame, out)
+            if filled_tf is None:
+                assert not pre.exact or frame.dtype != np.uint8 or pre._plans[frame.shape] is False
+                assert (out == 7).all()
+            else:
+                assert pre.exact and filled_tf == generic_tf and _same_tensor(out, generic)
 
 
 def _generic_result(p: Predictor, frame: np.ndarray) -> dict:
@@ -123,6 +131,58 @@ def test_sensor_sample_equals_generic_path() -> None:
             window = (rng.normal(size=(32, 3)) * (1 + i / 5)).astype(np.float32)
             tensor = p.prepare(window).tensors[0]
             assert p.predict_window(window).result == p._post(tensor, p.model.predict([tensor]), None)
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8"])
+def test_raw_classifier_codes_equal_generic_classify(dtype: str) -> None:
+    """Scores sorted through the byte-rank table give what classify gives on the dequantized outputs, for any
+    quantization, threshold and top-k (ties included: equal codes keep index order)."""
+    from agent.bundle import ClassificationSpec
+
+    p = Predictor.open(SAMPLES / "digits-classifier-tflite", threads=1)
+    rng = np.random.default_rng(11)
+    try:
+        out, metadata = p.model.outputs[0], p.bundle.metadata
+        for trial in range(300):
+            quant = QuantParams((float(rng.choice([1 / 256, 0.1, 3.7e-3, 2.0])),), (int(rng.integers(-20, 20)),))
+            threshold = float(rng.choice([0.0, 0.05, 0.3, 1.0]))
+            top_k = int(rng.integers(1, 12))
+            p.model.info.outputs[0] = TensorInfo(out.name, out.shape, np.dtype(dtype), quant, out.index)
+            p.bundle.metadata = metadata.model_copy(update={"classification": ClassificationSpec(top_k=top_k)})
+            p._threshold = threshold
+            classify = p._raw_classifier()
+            assert classify is not None
+            low, high = (-128, 128) if dtype == "int8" else (0, 256)
+            codes = rng.integers(low, high, size=(1, 10)).astype(dtype)
+            if trial % 3 == 0:
+                codes[0, rng.integers(0, 10, 4)] = codes[0, 0]  # ties
+            spec = ClassificationSpec(top_k=top_k)
+            expected = post.classify(p.model.dequantize_outputs([codes])[0], spec, p.bundle.labels, threshold, False)
+            assert classify([codes], False) == expected
+    finally:
+        p.model.info.outputs[0] = out
+        p.close()
+
+
+@pytest.mark.parametrize("bundle", ["digits-classifier-tflite", "digits-classifier-onnx"])
+def test_run_into_equals_run_raw(bundle: str) -> None:
+    """The input written in place (TFLite: into the interpreter's own buffer) gives the outputs run_raw gives; a
+    fill that gives up runs nothing; the interpreter stays usable (no view of its memory left alive)."""
+    p = Predictor.open(SAMPLES / bundle, threads=1)
+    try:
+        assert p._image is not None
+        for frame in _frames(np.random.default_rng(4))[:12]:
+            tensor, transform = p._image(frame)
+            done, raw = p.model.run_into(lambda buf, f=frame: p._image.fill(f, buf))  # type: ignore[union-attr]
+            if done is None:
+                assert raw is None
+                continue
+            assert done == transform
+            assert [a.tobytes() for a in raw] == [a.tobytes() for a in p.model.run_raw([tensor])]
+        assert p.model.run_into(lambda buf: None) == (None, None)
+        assert p.predict_image(read_image(SAMPLES / "inputs" / "digit_3.png")).result["label"] == "3"
     finally:
         p.close()
 

@@ -109,3 +109,65 @@ def test_rate_cap_and_thermal_factor(tmp_path: Path) -> None:
     assert 20 <= normal <= 50  # ~40 at 20 fps over 2 s, generous for a noisy machine
     assert hot <= 16  # ~10 at 5 fps
     assert pipe.stats.skipped > 0
+
+
+def test_mjpeg_video_through_the_classifier_decoded_small_or_full(tmp_path: Path) -> None:
+    """A Motion-JPEG file is decoded at the model's size (gray, 1/4 scale) and classified as well as full frames;
+    post-processing runs in its own stage and every result arrives, in order."""
+    from agent.sources.base import FrameHint
+    from agent.sources.camera import CameraSource, CameraSourceConfig
+    from tests.test_source_camera import SAMPLES, digit_video
+
+    video = digit_video(tmp_path / "digits.avi", frames=40)
+    labels: dict[str, list[str]] = {}
+    for decode in ("auto", "full"):
+        predictor = Predictor.open(SAMPLES / "digits-classifier-tflite", threads=1)
+        source = CameraSource(CameraSourceConfig(device=str(video), realtime=False, decode=decode), "video")  # type: ignore[arg-type]
+        results: list[dict] = []
+        pipe = Pipeline("p", PipelineConfig(source="video", model="m", queue_size=2), source, predictor, results.append)
+        pipe.start()
+        try:
+            assert wait_until(lambda p=pipe: p.finished, timeout=60)
+        finally:
+            pipe.stop()
+            predictor.close()
+        assert source.frame_hint == FrameHint(32, 32, True)
+        assert [r["seq"] for r in results] == list(range(1, 41)) and pipe.stats.processed == 40
+        labels[decode] = [r["label"] for r in results]
+    expected = [str(i % 10) for i in range(40)]
+    assert labels["full"] == expected and labels["auto"] == expected
+
+
+def test_shadow_candidate_widens_the_frames(tmp_path: Path) -> None:
+    from agent.sources.base import FrameHint
+    from agent.sources.camera import CameraSource, CameraSourceConfig
+    from tests.test_source_camera import SAMPLES
+
+    current = Predictor.open(SAMPLES / "digits-classifier-tflite", threads=1)
+    detector = Predictor.open(SAMPLES / "digits-detector", threads=1)
+    (tmp_path / "wide").mkdir()
+    onnx_models.float_image_classifier(tmp_path / "wide" / "model.onnx", channels=3, size=48, classes=4)
+    (tmp_path / "wide" / "bundle.toml").write_text(
+        'name = "wide"\nversion = "1.0.0"\ntask = "classification"\nmodel = "model.onnx"\n'
+        '[input]\nkind = "image"\ncolor = "rgb"\n'
+    )
+    wide = Predictor.open(tmp_path / "wide")
+    raw = Predictor.open(tmp_path / "wide" / "model.onnx")  # a bare model: task raw, full frames
+    source = CameraSource(CameraSourceConfig(device="unused.avi"), "cam")
+    pipe = Pipeline("p", PipelineConfig(source="cam", model="m"), source, current, lambda r: None)
+    try:
+        pipe.source.want_frames(pipe._frame_hint())
+        assert source.frame_hint == FrameHint(32, 32, True)
+        pipe.watch_frames(wide)
+        assert source.frame_hint == FrameHint(48, 48, False)  # big enough and in colour for both
+        pipe.watch_frames(detector)
+        assert source.frame_hint is None  # full frames while a detector watches
+        pipe.watch_frames(raw)
+        assert source.frame_hint is None
+        pipe.watch_frames(None)
+        assert source.frame_hint == FrameHint(32, 32, True)
+        pipe.swap_predictor(wide)
+        assert source.frame_hint == FrameHint(48, 48, False)
+    finally:
+        for p in (current, detector, wide, raw):
+            p.close()

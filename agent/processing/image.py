@@ -8,6 +8,7 @@ channel, so a uint8 frame becomes the model's int8/float tensor in one
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -124,6 +125,7 @@ class ImagePreprocessor:
         self._nchw = layout == "NCHW"
         self._out_shape = (1, c, self.height, self.width) if self._nchw else (1, self.height, self.width, c)
         self._plans: dict[tuple[int, ...], _Plan | Literal[False]] = {}
+        self._fillers: dict[tuple[int, ...], Callable[[np.ndarray, np.ndarray], Transform] | Literal[False]] = {}
         # every output (any frame) is a C-contiguous array of the tensor's own dtype and shape
         self.exact = self._lut.dtype == tensor.dtype and self._out_shape == tensor.shape
 
@@ -136,12 +138,88 @@ class ImagePreprocessor:
                 return self._fast(frame, plan)
         return self._generic(frame)
 
-    def _fast(self, frame: np.ndarray, plan: _Plan) -> tuple[np.ndarray, Transform]:
-        """uint8 BGR (or, for gray models, gray) frame: same values as ``_generic``, fewer passes.
+    def fill(self, frame: np.ndarray, out: np.ndarray) -> Transform | None:
+        """Write the model tensor for ``frame`` into ``out`` (C-contiguous, the tensor's shape and dtype, e.g. the
+        runtime's own input buffer): the same values as calling the preprocessor, without allocating the tensor.
 
-        Colour order is a permutation of channels, so for RGB models it is applied after resizing
-        (on fewer pixels), folded into the planar copy for NCHW.
+        None, leaving ``out`` as it was, when the frame is not a uint8 frame this fast path takes (call the
+        preprocessor instead). The steps for each frame size are planned once, into buffers of their own: callers
+        serialize calls (the predictor's lock).
         """
+        if type(frame) is not np.ndarray or frame.dtype != _UINT8:
+            return None
+        filler = self._fillers.get(frame.shape)
+        if filler is None:
+            filler = self._filler(frame.shape)
+        return filler(frame, out) if filler else None
+
+    def _filler(self, shape: tuple[int, ...]) -> Callable[[np.ndarray, np.ndarray], Transform] | Literal[False]:
+        """``fill``'s steps for uint8 frames of ``shape``: the usual plans (gray, or BGR/RGB NHWC, resized or not)
+        as a few OpenCV calls writing into kept buffers; other plans through ``_fill_planned``."""
+        plan = self._plans.get(shape)
+        if plan is None:
+            plan = self._plan(shape)
+        if len(self._fillers) >= 32:
+            self._fillers.clear()
+        filler: Callable[[np.ndarray, np.ndarray], Transform] | Literal[False] = False
+        if plan and self.exact:
+            filler = functools.partial(self._fill_planned, plan=plan)
+            two_d = self.channels == 1
+            if plan.border is None and plan.crop is None and (two_d or not self._nchw):
+                filler = self._direct_filler(shape, plan)
+        self._fillers[shape] = filler
+        return filler
+
+    def _direct_filler(self, shape: tuple[int, ...], plan: _Plan) -> Callable[[np.ndarray, np.ndarray], Transform]:
+        h, w, c = self.height, self.width, self.channels
+        out_shape = (h, w) if c == 1 else (h, w, c)
+        lut = self._lut_flat if c == 1 else self._lut
+        transform, size, interpolation = plan.transform, plan.size, plan.interpolation
+        gray = np.empty(shape[:2], np.uint8) if plan.to_gray else None
+        small = np.empty((h, w) if c == 1 or plan.to_gray else (h, w, shape[2]), np.uint8) if size else None
+        rgb = np.empty((h, w, 3), np.uint8) if self._rgb else None
+        cvt, resize, to_lut, bgr2gray, bgr2rgb = (
+            cv2.cvtColor,
+            cv2.resize,
+            cv2.LUT,
+            cv2.COLOR_BGR2GRAY,
+            cv2.COLOR_BGR2RGB,
+        )
+
+        def fill(frame: np.ndarray, out: np.ndarray) -> Transform:
+            img = cvt(frame, bgr2gray, gray) if gray is not None else frame
+            if small is not None:
+                img = resize(img, size, small, interpolation=interpolation)
+            if rgb is not None:
+                img = cvt(img, bgr2rgb, rgb)
+            view = out.reshape(out_shape)
+            written = to_lut(img, lut, view)
+            if written is not view:  # OpenCV chose another buffer: copy (never expected)
+                np.copyto(view, written.reshape(out_shape))
+            return transform
+
+        return fill
+
+    def _fill_planned(self, frame: np.ndarray, out: np.ndarray, plan: _Plan) -> Transform:
+        img = self._resized(frame, plan)
+        h, w, c = self.height, self.width, self.channels
+        if img.ndim == 2:
+            _lut_into(img, self._lut_flat, out.reshape(h, w))
+        elif self._nchw and self._uniform:
+            planes = img.transpose(2, 0, 1)
+            planes = np.ascontiguousarray(planes[::-1] if self._rgb else planes)
+            _lut_into(planes.reshape(c * h, w), self._lut_flat, out.reshape(c * h, w))
+        else:
+            if self._rgb:
+                img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+            if self._nchw:
+                np.copyto(out.reshape(c, h, w), cv2.LUT(img, self._lut).transpose(2, 0, 1))
+            else:
+                _lut_into(img, self._lut, out.reshape(h, w, c))
+        return plan.transform
+
+    def _resized(self, frame: np.ndarray, plan: _Plan) -> np.ndarray:
+        """The colour conversion to gray and the resize/pad/crop steps of ``plan``."""
         img = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY) if plan.to_gray else frame
         if plan.size is not None:
             img = cv2.resize(img, plan.size, interpolation=plan.interpolation)
@@ -151,6 +229,15 @@ class ImagePreprocessor:
             elif plan.crop is not None:
                 top, left = plan.crop
                 img = img[top : top + self.height, left : left + self.width]
+        return img
+
+    def _fast(self, frame: np.ndarray, plan: _Plan) -> tuple[np.ndarray, Transform]:
+        """uint8 BGR (or, for gray models, gray) frame: same values as ``_generic``, fewer passes.
+
+        Colour order is a permutation of channels, so for RGB models it is applied after resizing
+        (on fewer pixels), folded into the planar copy for NCHW.
+        """
+        img = self._resized(frame, plan)
         if img.ndim == 2:
             return cv2.LUT(img, self._lut_flat).reshape(self._out_shape), plan.transform
         rgb = self._rgb
@@ -277,6 +364,13 @@ class _Plan(NamedTuple):
     fill: list[int]
     transform: Transform
     to_gray: bool = False  # BGR frame for a gray model
+
+
+def _lut_into(img: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:
+    """``cv2.LUT`` written into ``out`` (a view of the destination); copied when OpenCV chose another buffer."""
+    written = cv2.LUT(img, table, dst=out)
+    if written is not out:
+        np.copyto(out, written.reshape(out.shape))
 
 
 def _per_channel(values: list[float], channels: int, key: str) -> np.ndarray:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from agent.errors import InputError
 from agent.runtime import quant
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ class Model(abc.ABC):
     """
 
     info: ModelInfo
+    _fill_buffer: np.ndarray | None = None  # run_into's input buffer, made at the first call
 
     @property
     def inputs(self) -> list[TensorInfo]:
@@ -187,6 +190,19 @@ class Model(abc.ABC):
     @abc.abstractmethod
     def run_raw(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """Run on arrays already in the model's dtypes; return raw outputs (no dequantization)."""
+
+    def run_into(self, fill: Callable[[np.ndarray], T | None]) -> tuple[T | None, list[np.ndarray] | None]:
+        """Run a one-input model on an input written in place: ``fill(buffer)`` writes the input into ``buffer`` (a
+        C-contiguous array of the input's shape and dtype, possibly the runtime's own memory, valid only during the
+        call) and returns a value, or None to give up. Returns that value and the raw outputs (None when it gave
+        up, without running). Not thread-safe: callers serialize inference, as for ``run_raw``.
+        """
+        buffer = self._fill_buffer
+        if buffer is None:
+            (tensor,) = self.inputs
+            buffer = self._fill_buffer = np.empty(tensor.concrete_shape(), dtype=tensor.dtype)
+        done = fill(buffer)
+        return (None, None) if done is None else (done, self.run_raw([buffer]))
 
     def warm_up(self) -> None:
         """One inference on zeros so first-call allocations happen at load time."""

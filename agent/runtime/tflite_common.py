@@ -7,7 +7,7 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import numpy as np
 import structlog
 
 from agent.errors import InputError, ModelLoadError
-from agent.runtime.base import Model, ModelInfo, QuantParams, TensorInfo
+from agent.runtime.base import Model, ModelInfo, QuantParams, T, TensorInfo
 
 log = structlog.get_logger(__name__)
 TFLITE_MAGIC = b"TFL3"
@@ -120,20 +120,48 @@ class TFLiteModel(Model):
             threads=threads,
         )
         self._shapes = {t.index: tuple(t.concrete_shape()) for t in self.info.inputs}
+        first = self.info.inputs[0] if self.info.inputs else None
+        single = first is not None and len(self.info.inputs) == 1 and not first.is_dynamic
+        self._static_shape = tuple(first.concrete_shape()) if single and first is not None else None
+        self._first_index = first.index if first is not None else -1
+        self._output_indices = [t.index for t in self.info.outputs]
 
     def run_raw(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         interp = self._interp
+        if len(inputs) == 1 and self._static_shape is not None and inputs[0].shape == self._static_shape:
+            interp.set_tensor(self._first_index, inputs[0])  # the common case: one input of the loaded shape
+            self._invoke()
+            return [interp.get_tensor(i) for i in self._output_indices]
         for tensor, array in zip(self.info.inputs, inputs, strict=True):
             if self._shapes[tensor.index] != array.shape:
                 self._resize(tensor, array.shape)
             interp.set_tensor(tensor.index, array)
+        self._invoke()
+        return [interp.get_tensor(t.index) for t in self.info.outputs]
+
+    def run_into(self, fill: Callable[[np.ndarray], T | None]) -> tuple[T | None, list[np.ndarray] | None]:
+        """``fill`` writes straight into the interpreter's input tensor: no input array, no ``set_tensor`` copy."""
+        (tensor,) = self.info.inputs
+        if self._shapes[tensor.index] != self._static_shape:  # resized for another caller's shape
+            return super().run_into(fill)
+        interp = self._interp
+        view = interp.tensor(tensor.index)()
         try:
-            interp.invoke()
+            done = fill(view)
+        finally:
+            del view  # the interpreter refuses to run while a view of its memory is alive
+        if done is None:
+            return None, None
+        self._invoke()
+        return done, [interp.get_tensor(t.index) for t in self.info.outputs]
+
+    def _invoke(self) -> None:
+        try:
+            self._interp.invoke()
         except (RuntimeError, ValueError) as exc:
             raise InputError(
                 f"inference failed: {str(exc).strip().splitlines()[0]}", "check the input shapes"
             ) from None
-        return [interp.get_tensor(t.index) for t in self.info.outputs]
 
     def _resize(self, tensor: TensorInfo, shape: tuple[int, ...]) -> None:
         try:

@@ -13,9 +13,9 @@ from typing import Any
 
 import structlog
 
-from agent.sources.base import Backoff, Sample, Source, SourceHealth
+from agent.sources.base import Backoff, FrameHint, Sample, Source, SourceHealth
 
-__all__ = ["Backoff", "Sample", "Source", "SourceHealth", "create_source", "source_config_types"]
+__all__ = ["Backoff", "FrameHint", "Sample", "Source", "SourceHealth", "create_source", "source_config_types"]
 
 log = structlog.get_logger(__name__)
 

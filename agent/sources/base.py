@@ -12,7 +12,7 @@ import abc
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -28,6 +28,23 @@ class Sample:
     seq: int  # per-source sequence number, gaps mean data lost at the source
     monotonic: float = field(default_factory=time.monotonic)
     gap: bool = False  # True for the first sample after a reconnect: windows must not span it
+
+
+class FrameHint(NamedTuple):
+    """The least a consumer needs of each frame: a picture at least ``width`` x ``height`` pixels, in gray when
+    ``gray`` (a gray model). Sources may deliver smaller or gray frames down to that (e.g. decode a JPEG at 1/4
+    size), saving the decoding of pixels pre-processing would throw away."""
+
+    width: int
+    height: int
+    gray: bool
+
+    @staticmethod
+    def merge(a: FrameHint | None, b: FrameHint | None) -> FrameHint | None:
+        """What two consumers of the same frames need (None: full frames)."""
+        if a is None or b is None:
+            return None
+        return FrameHint(max(a.width, b.width), max(a.height, b.height), a.gray and b.gray)
 
 
 @dataclass
@@ -97,6 +114,9 @@ class Source(abc.ABC):
     def probe(self) -> str | None:
         """For `edge-agent check`: None when the source can be opened now, else why not."""
         return None
+
+    def want_frames(self, hint: FrameHint | None) -> None:  # noqa: B027 - optional for sources
+        """What the consumer needs of each frame from now on (None: full frames); image sources may use it."""
 
     def _sample(self, data: np.ndarray, gap: bool = False) -> Sample:
         self._seq += 1

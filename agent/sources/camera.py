@@ -3,6 +3,11 @@
 A grabber thread keeps only the newest frame (so latency stays bounded), reopens the
 stream with backoff when it drops, and a stuck ``cap.read()`` (a hung RTSP stream) is
 detected as a stall: the grabber is abandoned and a fresh one started.
+
+Motion-JPEG read through FFmpeg (video files, HTTP/RTSP MJPEG) is taken as raw packets and
+decoded here at the size and colour the model needs: OpenCV's JPEG decoder scales by 1/2, 1/4
+or 1/8 inside the DCT and skips chroma for gray, so a small model does not pay for decoding
+pixels its pre-processing would throw away (``decode = "full"`` turns this off).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.sources.base import Backoff, Sample, Source
+from agent.sources.base import Backoff, FrameHint, Sample, Source
 
 # FFmpeg's own stderr chatter ("Stream ends prematurely") is noise: we report stream health ourselves.
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
@@ -42,9 +47,65 @@ class CameraSourceConfig(BaseModel):
     reconnect_initial: float = Field(default=0.5, gt=0)
     reconnect_max: float = Field(default=30.0, gt=0)
     stall_after: float = Field(default=10.0, gt=0)  # seconds without a frame while connected
+    # auto: Motion-JPEG read by FFmpeg is decoded at the size/colour the model needs; full: always full BGR frames
+    decode: Literal["auto", "full"] = "auto"
 
 
 Config = CameraSourceConfig
+
+
+def jpeg_decode_flags(width: int, height: int, hint: FrameHint | None) -> int:
+    """``cv2.imdecode`` flags for a ``width`` x ``height`` JPEG: the smallest DCT-scaled size (1/8, 1/4, 1/2) that
+    still covers ``hint`` (libjpeg rounds scaled sizes up), in gray when the hint says so; full BGR without a hint.
+    EXIF orientation is ignored, as video decoders do."""
+    import cv2
+
+    keep = cv2.IMREAD_IGNORE_ORIENTATION
+    if hint is None:
+        return cv2.IMREAD_COLOR | keep
+    for scale, gray, colour in (
+        (8, cv2.IMREAD_REDUCED_GRAYSCALE_8, cv2.IMREAD_REDUCED_COLOR_8),
+        (4, cv2.IMREAD_REDUCED_GRAYSCALE_4, cv2.IMREAD_REDUCED_COLOR_4),
+        (2, cv2.IMREAD_REDUCED_GRAYSCALE_2, cv2.IMREAD_REDUCED_COLOR_2),
+    ):
+        if -(-width // scale) >= hint.width and -(-height // scale) >= hint.height:
+            return (gray if hint.gray else colour) | keep
+    return (cv2.IMREAD_GRAYSCALE if hint.gray else cv2.IMREAD_COLOR) | keep
+
+
+class JpegCapture:
+    """A ``VideoCapture`` in FFmpeg's raw mode on a Motion-JPEG stream: ``read`` decodes each packet at the
+    reduced size and colour the consumer currently wants; a corrupt packet is counted and skipped."""
+
+    def __init__(self, cap: Any, width: int, height: int, source: CameraSource) -> None:
+        self.cap, self.width, self.height, self._source = cap, width, height, source
+        self._flags: tuple[FrameHint | None, int] | None = None
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        import cv2
+
+        for _ in range(8):
+            ok, packet = self.cap.read()
+            if not ok or packet is None:
+                return False, None
+            hint = self._source.frame_hint
+            if self._flags is None or self._flags[0] != hint:
+                self._flags = (hint, jpeg_decode_flags(self.width, self.height, hint))
+            frame = cv2.imdecode(packet, self._flags[1])
+            if frame is not None:
+                return True, frame
+            self._source.health.errors += 1
+            self._source.health.last_error = "corrupt JPEG frame skipped"
+        return False, None
+
+    def get(self, prop: int) -> float:
+        return self.cap.get(prop)
+
+    def set(self, prop: int, value: float) -> bool:
+        return self.cap.set(prop, value)
+
+    def release(self) -> None:
+        self.cap.release()
 
 
 def _is_file(device: int | str) -> bool:
@@ -66,6 +127,7 @@ class CameraSource(Source):
         self._last_frame_at = time.monotonic()
         self._is_file = _is_file(config.device)
         self._cap: Any = None  # direct (non-realtime file) mode only
+        self.frame_hint: FrameHint | None = None
 
     # ---- public -------------------------------------------------------------------------------
 
@@ -153,6 +215,10 @@ class CameraSource(Source):
             else f"camera {self.name}: {self.config.device!r} opened but gave no frame (fix: check the stream)"
         )
 
+    def want_frames(self, hint: FrameHint | None) -> None:
+        """Streams opened from now on take Motion-JPEG raw when there is a hint; open ones follow it frame by frame."""
+        self.frame_hint = hint
+
     # ---- grabber ------------------------------------------------------------------------------
 
     def _start_grabber(self) -> None:
@@ -200,6 +266,11 @@ class CameraSource(Source):
             cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.config.height)
         if self.config.fps and not self._is_file:
             cap.set(cv2.CAP_PROP_FPS, self.config.fps)
+        if self.config.decode == "auto" and self.frame_hint is not None and cap.getBackendName() == "FFMPEG":
+            fourcc = int(cap.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little")
+            width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+            if fourcc == b"MJPG" and width > 0 and height > 0 and cap.set(cv2.CAP_PROP_FORMAT, -1):
+                return JpegCapture(cap, width, height, self)
         return cap
 
     def _grab_loop(self, generation: int) -> None:

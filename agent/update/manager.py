@@ -453,7 +453,11 @@ class UpdateManager:
         self._candidates[name] = report.predictor
         if command is not None and command.shadow_frames > 0 and pipeline is not None:
             state = self._step(name, state, StartShadow())
-            agreement = self._shadow(name, report.predictor, command)
+            pipeline.watch_frames(report.predictor)  # frames fit the candidate too (e.g. its size when decoded small)
+            try:
+                agreement = self._shadow(name, report.predictor, command)
+            finally:
+                pipeline.watch_frames(None)
             if agreement is None:
                 raise _Interrupted()
             state = self._step(name, state, ShadowResult(agreement, command.shadow_agreement))
