@@ -25,6 +25,9 @@ class Sink:
     def write(self, record: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def publish(self) -> None:
+        """End of a batch of writes: hand what was written to the OS (visible to readers, not yet durable)."""
+
     def flush(self) -> None:
         """Make written records durable/visible."""
 
@@ -47,11 +50,11 @@ class StdoutSink(Sink):
         if (n - 1) % self.config.every:
             return
         line = json.dumps(record, separators=(",", ":")) if self.config.format == "json" else format_result(record)
-        try:
+        with contextlib.suppress(BrokenPipeError, ValueError):  # stdout closed: nothing more to show there
             self.stream.write(line + "\n")
-            self.stream.flush()
-        except (BrokenPipeError, ValueError):  # stdout closed: nothing more to show there
-            pass
+
+    def publish(self) -> None:
+        self.flush()
 
     def flush(self) -> None:
         with contextlib.suppress(BrokenPipeError, ValueError):
@@ -76,7 +79,10 @@ def format_result(record: dict[str, Any]) -> str:
 
 
 class JsonlSink(Sink):
-    """Appends one JSON object per line; rotates to PATH.1 beyond ``max_bytes``."""
+    """Appends one JSON object per line; rotates to PATH.1 beyond ``max_bytes``.
+
+    Lines are buffered and handed to the OS once per batch (``publish``), not one write call per result.
+    """
 
     name = "jsonl"
 
@@ -84,25 +90,41 @@ class JsonlSink(Sink):
         self.path = Path(config.path)
         self.max_bytes = config.max_bytes
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("a", encoding="utf-8")
+        self._fh = self._open()
         self._failed = False
 
+    def _open(self) -> TextIO:
+        fh = self.path.open("a", encoding="utf-8")
+        self._size = os.fstat(fh.fileno()).st_size
+        return fh
+
     def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, separators=(",", ":")) + "\n"
+        line = json.dumps(record, separators=(",", ":")) + "\n"  # ASCII (json escapes the rest): 1 byte a char
         try:
-            if self._fh.tell() + len(line) > self.max_bytes:
+            if self._size + len(line) > self.max_bytes and self._size:
                 self._rotate()
             self._fh.write(line)
+            self._size += len(line)
+        except OSError as exc:
+            self._report(exc)
+
+    def publish(self) -> None:
+        try:
+            self._fh.flush()
             self._failed = False
-        except OSError as exc:  # disk full, removed directory: report once per episode, keep running
-            if not self._failed:
-                log.error("jsonl sink cannot write", path=str(self.path), error=exc.strerror)
-            self._failed = True
+        except OSError as exc:  # kept in the buffer: written once the disk has room again
+            self._report(exc)
+
+    def _report(self, exc: OSError) -> None:
+        """Disk full, removed directory: reported once per episode; the daemon keeps running."""
+        if not self._failed:
+            log.error("jsonl sink cannot write", path=str(self.path), error=exc.strerror)
+        self._failed = True
 
     def _rotate(self) -> None:
         self._fh.close()
         os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-        self._fh = self.path.open("a", encoding="utf-8")
+        self._fh = self._open()
 
     def flush(self) -> None:
         try:
@@ -113,7 +135,8 @@ class JsonlSink(Sink):
 
     def close(self) -> None:
         self.flush()
-        self._fh.close()
+        with contextlib.suppress(OSError):
+            self._fh.close()
 
 
 class ResultBus:
@@ -149,15 +172,22 @@ class ResultBus:
 
     def _run(self) -> None:
         while (batch := self._queue.take_all()) is not None:
+            written: set[str] = set()
             for names, record in batch:
                 for name in names:
                     try:
                         self.sinks[name].write(record)
                     except Exception:  # a sink bug must not stop the others
                         log.exception("sink failed", sink=name)
+                    written.add(name)
                 for listener in self.listeners:
                     listener(record)
                 self.delivered += 1
+            for name in written:
+                try:
+                    self.sinks[name].publish()
+                except Exception:
+                    log.exception("sink failed", sink=name)
 
     def depth(self) -> int:
         return len(self._queue)

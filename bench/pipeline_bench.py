@@ -164,7 +164,7 @@ def steady_fps(results: Path, fallback: float) -> float:
     return (len(lines) - 1) / (last - first) if last > first else fallback
 
 
-def run(threads: int = 1, rounds: int = 5, soak_seconds: float = 120.0, frames: int = FRAMES) -> dict[str, Any]:
+def run(threads: int = 1, rounds: int = 7, soak_seconds: float = 120.0, frames: int = FRAMES) -> dict[str, Any]:
     """Rounds alternate bare loop, sequential loop and agent, so machine noise hits them alike; the ratios are the
     medians of each round's own ratio."""
     with tempfile.TemporaryDirectory() as tmp:
