@@ -179,7 +179,7 @@ class Pipeline:
         self.failed: str | None = None
         self._free_fps = 0.0  # processed fps when throttling began
         self._throttled = False
-        # Called from the inference thread after each inference: (sample, prediction or None, inference ms, error).
+        # Called from the post stage after each inference: (sample, prediction or None, inference ms, error).
         # The update manager watches the health of a new model through it and feeds its shadow model.
         self._watcher: Predictor | None = None  # another model fed the same frames (see watch_frames)
         self.observer: Callable[[Sample, Prediction | None, float | None, str | None], None] | None = None

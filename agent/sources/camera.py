@@ -91,7 +91,10 @@ class JpegCapture:
             hint = self._source.frame_hint
             if self._flags is None or self._flags[0] != hint:
                 self._flags = (hint, jpeg_decode_flags(self.width, self.height, hint))
-            frame = cv2.imdecode(packet, self._flags[1])
+            try:
+                frame = cv2.imdecode(packet, self._flags[1]) if packet.size else None
+            except cv2.error:
+                frame = None
             if frame is not None:
                 return True, frame
             self._source.health.errors += 1
@@ -267,7 +270,7 @@ class CameraSource(Source):
         if self.config.fps and not self._is_file:
             cap.set(cv2.CAP_PROP_FPS, self.config.fps)
         if self.config.decode == "auto" and self.frame_hint is not None and cap.getBackendName() == "FFMPEG":
-            fourcc = int(cap.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little")
+            fourcc = (int(cap.get(cv2.CAP_PROP_FOURCC)) & 0xFFFFFFFF).to_bytes(4, "little")
             width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
             if fourcc == b"MJPG" and width > 0 and height > 0 and cap.set(cv2.CAP_PROP_FORMAT, -1):
                 return JpegCapture(cap, width, height, self)

@@ -600,7 +600,7 @@ class UpdateManager:
             }
         return out
 
-    # ---- the pipelines' observer (inference thread) ------------------------------------------------------
+    # ---- the pipelines' observer (post stage thread) ------------------------------------------------------
 
     def observe(
         self, name: str, sample: Sample, prediction: Prediction | None, infer_ms: float | None, error: str | None
