@@ -388,14 +388,7 @@ class Pipeline:
             "ts": round(time.time(), 3),
             "capture_ts": round(sample.timestamp, 3),
             "source_seq": sample.seq,
-            "task": prediction.task,
-            "model": prediction.model,
-            "version": prediction.version,
-            "latency_ms": round(prediction.latency_ms, 3),
-        }
-        record.update(prediction.result)  # the keys and order of Prediction.to_dict
-        if prediction.extra:
-            record.update(prediction.extra)
+        } | prediction.to_dict()
         self.emit(record)
         if not self.first_result.is_set():
             self.first_result.set()

@@ -272,7 +272,7 @@ class Predictor:
 
     def run(self, prepared: Prepared) -> Prediction:
         """Inference and post-processing of a prepared input (thread-safe: one inference at a time)."""
-        return self._run(prepared.tensors, prepared.transform, prepared.started)
+        return self.finish(self.infer(prepared), prepared)
 
     def infer(self, prepared: Prepared) -> list[np.ndarray]:
         """The inference alone: the runtime's raw outputs for ``finish`` (thread-safe: one at a time)."""

@@ -178,13 +178,7 @@ class ImagePreprocessor:
         gray = np.empty(shape[:2], np.uint8) if plan.to_gray else None
         small = np.empty((h, w) if c == 1 or plan.to_gray else (h, w, shape[2]), np.uint8) if size else None
         rgb = np.empty((h, w, 3), np.uint8) if self._rgb else None
-        cvt, resize, to_lut, bgr2gray, bgr2rgb = (
-            cv2.cvtColor,
-            cv2.resize,
-            cv2.LUT,
-            cv2.COLOR_BGR2GRAY,
-            cv2.COLOR_BGR2RGB,
-        )
+        cvt, resize, bgr2gray, bgr2rgb = cv2.cvtColor, cv2.resize, cv2.COLOR_BGR2GRAY, cv2.COLOR_BGR2RGB
 
         def fill(frame: np.ndarray, out: np.ndarray) -> Transform:
             img = cvt(frame, bgr2gray, gray) if gray is not None else frame
@@ -192,15 +186,14 @@ class ImagePreprocessor:
                 img = resize(img, size, small, interpolation=interpolation)
             if rgb is not None:
                 img = cvt(img, bgr2rgb, rgb)
-            view = out.reshape(out_shape)
-            written = to_lut(img, lut, view)
-            if written is not view:  # OpenCV chose another buffer: copy (never expected)
-                np.copyto(view, written.reshape(out_shape))
+            _lut_into(img, lut, out.reshape(out_shape))
             return transform
 
         return fill
 
     def _fill_planned(self, frame: np.ndarray, out: np.ndarray, plan: _Plan) -> Transform:
+        """``plan``'s steps written into ``out``. Colour order is a permutation of channels, so for RGB models it is
+        applied after resizing (on fewer pixels), folded into the planar copy for NCHW."""
         img = self._resized(frame, plan)
         h, w, c = self.height, self.width, self.channels
         if img.ndim == 2:
@@ -232,26 +225,10 @@ class ImagePreprocessor:
         return img
 
     def _fast(self, frame: np.ndarray, plan: _Plan) -> tuple[np.ndarray, Transform]:
-        """uint8 BGR (or, for gray models, gray) frame: same values as ``_generic``, fewer passes.
-
-        Colour order is a permutation of channels, so for RGB models it is applied after resizing
-        (on fewer pixels), folded into the planar copy for NCHW.
-        """
-        img = self._resized(frame, plan)
-        if img.ndim == 2:
-            return cv2.LUT(img, self._lut_flat).reshape(self._out_shape), plan.transform
-        rgb = self._rgb
-        if self._nchw and self._uniform:
-            planes = img.transpose(2, 0, 1)
-            planes = np.ascontiguousarray(planes[::-1] if rgb else planes)
-            flat = planes.reshape(3 * self.height, self.width)
-            return cv2.LUT(flat, self._lut_flat).reshape(self._out_shape), plan.transform
-        if rgb:
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-        values = cv2.LUT(img, self._lut)
-        if self._nchw:
-            values = np.ascontiguousarray(values.transpose(2, 0, 1))
-        return values.reshape(self._out_shape), plan.transform
+        """uint8 BGR (or, for gray models, gray) frame: same values as ``_generic``, fewer passes (one LUT pass
+        into a new tensor of the table's dtype)."""
+        out = np.empty(self._out_shape, dtype=self._lut.dtype)
+        return out, self._fill_planned(frame, out, plan)
 
     def _plan(self, shape: tuple[int, ...]) -> _Plan | Literal[False]:
         """For a uint8 frame of ``shape``: the colour, resize/pad/crop steps and box transform (what ``_generic``
