@@ -13,6 +13,7 @@ import cv2
 
 from agent.errors import AgentError, InputError
 from agent.inputs import INPUT_SUFFIXES, VIDEO_SUFFIXES, predict_file
+from agent.jsonlines import dumps
 from agent.predictor import Predictor
 
 
@@ -101,7 +102,7 @@ def run_batch(predictor: Predictor, source: Path, output: Path, progress: Any = 
 
         def emit(record: dict[str, Any]) -> None:
             try:
-                fh.write(json.dumps(record, separators=(",", ":")) + "\n")
+                fh.write(dumps(record) + "\n")
                 fh.flush()
             except OSError as exc:
                 raise AgentError(

@@ -3,7 +3,9 @@
 OpenCV and the runtimes release the GIL, so the stages overlap. Queues between
 stages hold at most ``queue_size`` items and the newest wins when one is full:
 under overload frames are dropped (and counted) instead of piling up, so latency
-stays bounded. Sensor rows are windowed in the capture thread, before any drop.
+stays bounded. Sources that are not live (files replayed as fast as processed)
+are never dropped from: their reader waits for room. Sensor rows are windowed in
+the capture thread, before any drop.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from agent.processing.timeseries import Windower
 from agent.sources import FrameHint, Sample, Source
 
 log = structlog.get_logger(__name__)
+
+# Stage queues for a source that is not live (a file read as fast as it is processed): nothing is dropped there, the
+# reader waits for room, so a deeper queue costs no freshness; it lets stages hand frames over in runs, with fewer
+# thread wake-ups (each one a GIL hand-off) per frame.
+REPLAY_QUEUE = 8
 
 
 class LatestQueue:
@@ -164,8 +171,9 @@ class Pipeline:
         self.emit = emit
         self.rate_factor = rate_factor
         self.stats = PipelineStats()
-        self._pre_q = LatestQueue(config.queue_size)
-        self._infer_q = LatestQueue(config.queue_size)
+        depth = config.queue_size if source.live else max(config.queue_size, REPLAY_QUEUE)
+        self._pre_q = LatestQueue(depth)
+        self._infer_q = LatestQueue(depth)
         # inference -> post-processing and publishing: lossless; bounded so a slow post stage holds inference back
         self._post_q: Handoff[tuple[Sample, Prepared, Predictor, list[Any] | str, float]] = Handoff(64)
         self._stop = threading.Event()

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import structlog
 
 from agent.config import JsonlSinkConfig, StdoutSinkConfig
 from agent.handoff import Handoff
+from agent.jsonlines import dumps, encode
 
 log = structlog.get_logger(__name__)
 
@@ -49,7 +49,7 @@ class StdoutSink(Sink):
         self._counts[pipeline] = n
         if (n - 1) % self.config.every:
             return
-        line = json.dumps(record, separators=(",", ":")) if self.config.format == "json" else format_result(record)
+        line = dumps(record) if self.config.format == "json" else format_result(record)
         with contextlib.suppress(BrokenPipeError, ValueError):  # stdout closed: nothing more to show there
             self.stream.write(line + "\n")
 
@@ -93,13 +93,13 @@ class JsonlSink(Sink):
         self._fh = self._open()
         self._failed = False
 
-    def _open(self) -> TextIO:
-        fh = self.path.open("a", encoding="utf-8")
+    def _open(self) -> BinaryIO:
+        fh = self.path.open("ab")
         self._size = os.fstat(fh.fileno()).st_size
         return fh
 
     def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, separators=(",", ":")) + "\n"  # ASCII (json escapes the rest): 1 byte a char
+        line = encode(record) + b"\n"
         try:
             if self._size + len(line) > self.max_bytes and self._size:
                 self._rotate()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import PipelineConfig
-from agent.pipeline import LatestQueue, Pipeline, effective_cap, rate_gate
+from agent.pipeline import REPLAY_QUEUE, LatestQueue, Pipeline, effective_cap, rate_gate
 from agent.predictor import Predictor
 from agent.sources.synthetic import SyntheticSource, SyntheticSourceConfig
 from tests import onnx_models
@@ -85,6 +85,7 @@ def test_pipeline_runs_and_reports(tmp_path: Path) -> None:
         pipe.predictor.close()
     seqs = [r["seq"] for r in results]
     assert seqs == list(range(1, len(seqs) + 1))
+    assert pipe._pre_q.maxsize == pipe._infer_q.maxsize == 1  # a live source keeps the configured queue size
     snap = pipe.snapshot()
     assert snap["processed"] == len(results) and snap["model"] == "m" and snap["source_health"]["connected"]
     assert snap["latency_ms"]["p50"] > 0 and not snap["stalled"]
@@ -133,6 +134,7 @@ def test_mjpeg_video_through_the_classifier_decoded_small_or_full(tmp_path: Path
             predictor.close()
         assert source.frame_hint == FrameHint(32, 32, True)
         assert [r["seq"] for r in results] == list(range(1, 41)) and pipe.stats.processed == 40
+        assert pipe.stats.dropped == 0 and pipe._infer_q.maxsize == REPLAY_QUEUE  # a file: deeper queues, no drops
         labels[decode] = [r["label"] for r in results]
     expected = [str(i % 10) for i in range(40)]
     assert labels["full"] == expected and labels["auto"] == expected

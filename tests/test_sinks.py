@@ -68,3 +68,43 @@ def test_jsonl_on_a_full_disk_reports_once_and_keeps_running(
     sink.close()
     out = capsys.readouterr()
     assert (out.out + out.err).count("jsonl sink cannot write") == 1
+
+
+def test_result_lines_parse_to_the_record_whatever_it_holds() -> None:
+    """The fast encoder (orjson) and the standard library give lines that parse to the same values; what orjson does not
+    take falls back to the standard library; NaN becomes null (valid JSON) with orjson."""
+    import math
+
+    import numpy as np
+
+    from agent import jsonlines
+
+    plain = record(3) | {"label": "café ✓", "top": [{"index": 1, "score": 0.25}], "ok": True, "none": None}
+    assert json.loads(jsonlines.encode(plain)) == plain
+    assert json.loads(jsonlines.dumps(plain)) == plain and "\n" not in jsonlines.dumps(plain)
+    assert json.loads(jsonlines.encode({"big": 2**70, 1: "int key"})) == {"big": 2**70, "1": "int key"}
+    if jsonlines.orjson is not None:
+        assert json.loads(jsonlines.encode({"v": np.float32(0.5), "a": np.arange(3)})) == {"v": 0.5, "a": [0, 1, 2]}
+        assert json.loads(jsonlines.encode({"nan": math.nan})) == {"nan": None}
+    with pytest.raises(TypeError):
+        jsonlines.encode({"x": object()})
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["orjson", "stdlib"])
+def test_jsonl_rotation_counts_bytes_of_non_ascii_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast: bool
+) -> None:
+    from agent import jsonlines
+
+    if not fast:
+        monkeypatch.setattr(jsonlines, "orjson", None)
+    path = tmp_path / "results.jsonl"
+    rec = record(1) | {"label": "число"}  # 2 bytes a letter in UTF-8
+    line_bytes = len(json.dumps(rec, separators=(",", ":"), ensure_ascii=False).encode()) + 1
+    sink = JsonlSink(JsonlSinkConfig(path=str(path), max_bytes=3 * line_bytes))
+    for _ in range(7):
+        sink.write(rec)
+    sink.close()
+    sizes = [os.path.getsize(p) for p in (path, path.with_name("results.jsonl.1"))]
+    assert all(size <= 3 * line_bytes for size in sizes) and sum(sizes) == 4 * line_bytes  # 3 + 1 after 2 rotations
+    assert all(json.loads(x) == rec for x in path.read_text(encoding="utf-8").splitlines())

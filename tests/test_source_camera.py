@@ -129,6 +129,35 @@ def test_close_unblocks_read() -> None:
 # ---- Motion-JPEG decoded at the size the model needs ----------------------------------------------
 
 
+def test_close_while_a_file_is_read_in_another_thread(tmp_path: Path) -> None:
+    """The daemon stops a pipeline by closing its source from another thread while the capture thread decodes:
+    the capture must not be released under a read (it was: an AttributeError, or worse, a read of freed memory)."""
+    video = write_video(tmp_path / "clip.avi", frames=30, size=(320, 240))
+    frames_read = 0
+    for attempt in range(25):
+        source = CameraSource(CameraSourceConfig(device=str(video), realtime=False, loop=True), "file")
+        errors: list[BaseException] = []
+        frames = [0]
+
+        def reader(source: CameraSource = source, errors: list = errors, frames: list = frames) -> None:
+            try:
+                while not source.closed:
+                    if source.read(timeout=0.5) is not None:
+                        frames[0] += 1
+            except BaseException as exc:  # whatever escaped the reader is the failure
+                errors.append(exc)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        time.sleep(0.002 * (attempt % 7))  # close at varying points of a decode, including the first open
+        source.close()
+        t.join(5)
+        assert not t.is_alive() and errors == [], (attempt, errors)
+        assert source.read(timeout=0.1) is None and source._cap is None  # released, and nothing reopens it
+        frames_read += frames[0]
+    assert frames_read > 0  # the closes did land in the middle of reading
+
+
 def test_jpeg_decode_flags_pick_the_smallest_covering_scale() -> None:
     keep = cv2.IMREAD_IGNORE_ORIENTATION
     assert jpeg_decode_flags(320, 240, None) == cv2.IMREAD_COLOR | keep

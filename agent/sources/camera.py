@@ -130,6 +130,7 @@ class CameraSource(Source):
         self._last_frame_at = time.monotonic()
         self._is_file = _is_file(config.device)
         self._cap: Any = None  # direct (non-realtime file) mode only
+        self._cap_lock = threading.Lock()  # close() from another thread waits for a read in progress
         self.frame_hint: FrameHint | None = None
 
     # ---- public -------------------------------------------------------------------------------
@@ -163,8 +164,12 @@ class CameraSource(Source):
 
     def _read_direct(self) -> Sample | None:
         """Video file as fast as the consumer reads: decode in the caller's thread, every frame in order."""
-        if self._finished:
-            return None
+        with self._cap_lock:  # the capture is never released under a read
+            if self._finished or self.closed:
+                return None
+            return self._read_direct_locked()
+
+    def _read_direct_locked(self) -> Sample | None:
         if self._cap is None:
             self._cap = self._open()
             if self._cap is None:
@@ -194,9 +199,10 @@ class CameraSource(Source):
         with self._cond:
             self._generation += 1
             self._cond.notify_all()
-        if self._cap is not None:
-            self._cap.release()
-            self._cap = None
+        with self._cap_lock:
+            if self._cap is not None:
+                self._cap.release()
+                self._cap = None
 
     def probe(self) -> str | None:
         if self._is_file and not Path(str(self.config.device)).exists():
