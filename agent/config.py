@@ -45,6 +45,9 @@ class PipelineConfig(_Strict):
     delegates: list[str] | None = None
     max_fps: float | None = Field(default=None, gt=0)  # cap on inferences per second
     queue_size: int = Field(default=1, ge=1, le=64)  # frames waiting per stage; newest wins when full
+    # where frames are pre-processed: a thread of its own, or the capture thread right after capture; auto: own
+    # thread when the process may use 3 CPUs or more (capture, pre-processing and inference each get one)
+    preprocess_thread: Literal["auto", "own", "capture"] = "auto"
     sinks: list[str] = Field(default_factory=lambda: ["stdout"])
     stall_timeout: float = Field(default=30.0, gt=0)  # an inference running longer than this is a stall
     window_stride: int | None = Field(default=None, gt=0)  # time series: override the bundle's stride

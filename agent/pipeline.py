@@ -6,11 +6,15 @@ under overload frames are dropped (and counted) instead of piling up, so latency
 stays bounded. Sources that are not live (files replayed as fast as processed)
 are never dropped from: their reader waits for room. Sensor rows are windowed in
 the capture thread, before any drop.
+
+Pre-processing has a thread of its own where there are CPUs for it (``own_preprocess_thread``); on one or two
+CPUs the capture thread pre-processes each frame itself.
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -95,6 +99,23 @@ class LatestQueue:
             return len(self._items)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's cpuset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def own_preprocess_thread(setting: str, cpus: int) -> bool:
+    """Pure: whether pre-processing gets a thread of its own. With fewer than 3 CPUs, inference holds one and capture
+    and pre-processing would share the other anyway: one thread there saves a hand-off (a wake-up and a GIL switch)
+    per frame."""
+    if setting == "auto":
+        return cpus >= 3
+    return setting == "own"
+
+
 def rate_gate(last_ts: float | None, now: float, fps_cap: float | None) -> bool:
     """Pure frame-rate cap: True when a sample at ``now`` may pass given the last accepted one."""
     if fps_cap is None or last_ts is None:
@@ -176,6 +197,7 @@ class Pipeline:
         self._infer_q = LatestQueue(depth)
         # inference -> post-processing and publishing: lossless; bounded so a slow post stage holds inference back
         self._post_q: Handoff[tuple[Sample, Prepared, Predictor, list[Any] | str, float]] = Handoff(64)
+        self.preprocess_thread = own_preprocess_thread(config.preprocess_thread, usable_cpus())
         self._stop = threading.Event()
         self._crashed = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -206,12 +228,14 @@ class Pipeline:
 
     def start(self) -> None:
         self.source.want_frames(self._frame_hint())
-        stages = (
+        stages = [
             (self._capture_loop, "capture"),
             (self._pre_loop, "pre"),
             (self._infer_loop, "infer"),
             (self._post_loop, "post"),
-        )
+        ]
+        if not self.preprocess_thread:  # the capture thread pre-processes each frame it takes
+            del stages[1]
         for target, stage in stages:
             t = threading.Thread(target=self._guard(target, stage), name=f"{self.name}-{stage}", daemon=True)
             t.start()
@@ -270,6 +294,8 @@ class Pipeline:
             finally:
                 if stage == "capture":
                     self._pre_q.close()
+                    if not self.preprocess_thread:
+                        self._infer_q.close()
                 elif stage == "pre":
                     self._infer_q.close()
                 elif stage == "infer":
@@ -312,7 +338,9 @@ class Pipeline:
                 self.stats.skipped += 1
                 continue
             last_accepted = now
-            if self._pre_q.put(sample, block=not self.source.live, stop=self._stop):
+            if not self.preprocess_thread:
+                self._prepare(sample)
+            elif self._pre_q.put(sample, block=not self.source.live, stop=self._stop):
                 self.stats.dropped += 1
 
     def _pre_loop(self) -> None:
@@ -322,14 +350,19 @@ class Pipeline:
                 if self._pre_q.closed_and_empty:
                     return
                 continue
-            try:
-                prepared = self._predictor.prepare(sample.data)
-            except AgentError as exc:
-                self.stats.errors += 1
-                log.warning("pre-processing failed", pipeline=self.name, error=str(exc))
-                continue
-            if self._infer_q.put((sample, prepared, self._predictor), block=not self.source.live, stop=self._crashed):
-                self.stats.dropped += 1
+            self._prepare(sample)
+
+    def _prepare(self, sample: Sample) -> None:
+        """Pre-process ``sample`` and queue it for inference (in the pre-processing or the capture thread)."""
+        try:
+            prepared = self._predictor.prepare(sample.data)
+        except AgentError as exc:
+            self.stats.errors += 1
+            log.warning("pre-processing failed", pipeline=self.name, error=str(exc))
+            return
+        # waits for room even while stopping (stop lets queued work finish), unless inference crashed
+        if self._infer_q.put((sample, prepared, self._predictor), block=not self.source.live, stop=self._crashed):
+            self.stats.dropped += 1
 
     def _infer_loop(self) -> None:
         while True:
@@ -413,6 +446,7 @@ class Pipeline:
             "source": self.source.name,
             "source_health": self.source.health.to_dict(),
             "queue_depth": len(self._pre_q) + len(self._infer_q) + len(self._post_q),
+            "preprocess_thread": "own" if self.preprocess_thread else "capture",
             "stalled": self.stalled(),
             "failed": self.failed,
         } | self.stats.snapshot()

@@ -1,13 +1,15 @@
 """End-to-end daemon pipeline benchmark: a video file through the int8 classifier.
 
-Compares the pipelined agent (decode | pre-process | inference | sinks in threads) with
-the bare runtime loop over the same decoded frames (invoke only), and with a plain sequential
-decode + pre-process + invoke loop over the same video file, in the same run, and measures
-capture-to-result latency and RSS over a soak run.
+Compares the pipelined agent (decode | pre-process | inference | post-process and sinks in
+threads) with the bare runtime loop over the same decoded frames (invoke only), with a plain
+sequential decode + pre-process + invoke loop over the same video file, and with the least a
+threaded Python pipeline does (a decode thread feeding an invoke thread), in the same run; and
+measures capture-to-result latency and RSS over a soak run.
 """
 
 from __future__ import annotations
 
+import queue
 import statistics
 import tempfile
 import threading
@@ -86,6 +88,46 @@ def bare_video_fps(video: Path, threads: int) -> float:
             frames += 1
         cap.release()
         return frames / (time.perf_counter() - start)
+    finally:
+        predictor.close()
+
+
+def threaded_fps(video: Path, threads: int) -> float:
+    """The least a threaded Python pipeline does, as a reference for what threads cost on this machine: one thread
+    reads the video's Motion-JPEG packets, decodes them at the model's size (as the agent does) and pre-processes;
+    the calling thread runs the model on them, through a plain queue of 8. No post-processing, no results."""
+    from agent.sources.camera import jpeg_decode_flags
+
+    predictor = Predictor.open(BUNDLE, threads=threads)
+    frames: queue.Queue[list[np.ndarray] | None] = queue.Queue(8)
+
+    def produce() -> None:
+        cap = cv2.VideoCapture(str(video), cv2.CAP_FFMPEG)
+        try:
+            width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+            flags = jpeg_decode_flags(width, height, predictor.frame_hint)
+            cap.set(cv2.CAP_PROP_FORMAT, -1)  # raw packets
+            while True:
+                ok, packet = cap.read()
+                if not ok:
+                    return
+                frames.put(predictor.prepare(cv2.imdecode(packet, flags)).tensors)
+        finally:
+            cap.release()
+            frames.put(None)
+
+    try:
+        model = predictor.model
+        producer = threading.Thread(target=produce, daemon=True)
+        count = 0
+        start = time.perf_counter()
+        producer.start()
+        while (tensors := frames.get()) is not None:
+            model.run_raw(tensors)
+            count += 1
+        elapsed = time.perf_counter() - start
+        producer.join()
+        return count / elapsed
     finally:
         predictor.close()
 
@@ -170,15 +212,17 @@ def run(threads: int = 1, rounds: int = 7, soak_seconds: float = 120.0, frames: 
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
         video = make_video(tmpdir / "digits.avi", frames)
-        bare, bare_video, agent, ratios, ratios_video = [], [], [], [], []
+        bare, bare_video, threaded, agent, ratios, ratios_video, ratios_threaded = [], [], [], [], [], [], []
         latency: dict[str, float] = {}
         for _ in range(rounds):
             bare.append(bare_fps(video, threads))
             bare_video.append(bare_video_fps(video, threads))
+            threaded.append(threaded_fps(video, threads))
             result = agent_run(video, threads, tmpdir)
             agent.append(result["fps"])
             ratios.append(agent[-1] / bare[-1])
             ratios_video.append(agent[-1] / bare_video[-1])
+            ratios_threaded.append(agent[-1] / threaded[-1])
             latency = result["latency_ms"]
             (tmpdir / "results.jsonl").unlink(missing_ok=True)
         report: dict[str, Any] = {
@@ -191,6 +235,9 @@ def run(threads: int = 1, rounds: int = 7, soak_seconds: float = 120.0, frames: 
             "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
             "bare_video_fps": round(statistics.median(bare_video), 1),
             "ratio_video": round(statistics.median(ratios_video), 3),
+            "threaded_fps": round(statistics.median(threaded), 1),
+            "threaded_ratio": round(statistics.median([t / b for t, b in zip(threaded, bare, strict=True)]), 3),
+            "ratio_threaded": round(statistics.median(ratios_threaded), 3),
             "agent_latency_ms": latency,
         }
         if soak_seconds > 0:

@@ -113,7 +113,9 @@ def main() -> int:
             f"pipeline ({pipe['frames']} frames, threads={pipe['threads']}, {pipe['rounds']} rounds): agent "
             f"{pipe['agent_fps']} fps vs bare loop {pipe['bare_fps']} fps -> ratio {pipe['ratio']} "
             f"(rounds {pipe['ratio_range'][0]}-{pipe['ratio_range'][1]}); vs a sequential decode+invoke loop over the video "
-            f"{pipe['bare_video_fps']} fps -> ratio {pipe['ratio_video']}; capture->result p50 {pipe['agent_latency_ms']['p50']} ms, "
+            f"{pipe['bare_video_fps']} fps -> ratio {pipe['ratio_video']}; a bare two-thread decode|invoke loop reaches "
+            f"{pipe['threaded_fps']} fps ({pipe['threaded_ratio']} of the bare loop), the agent {pipe['ratio_threaded']} of it; "
+            f"capture->result p50 {pipe['agent_latency_ms']['p50']} ms, "
             f"p99 {pipe['agent_latency_ms']['p99']} ms"
         )
         if "soak" in pipe:

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from agent.config import PipelineConfig
-from agent.pipeline import REPLAY_QUEUE, LatestQueue, Pipeline, effective_cap, rate_gate
+from agent.pipeline import (
+    REPLAY_QUEUE,
+    LatestQueue,
+    Pipeline,
+    effective_cap,
+    own_preprocess_thread,
+    rate_gate,
+    usable_cpus,
+)
 from agent.predictor import Predictor
 from agent.sources.synthetic import SyntheticSource, SyntheticSourceConfig
 from tests import onnx_models
@@ -112,9 +120,26 @@ def test_rate_cap_and_thermal_factor(tmp_path: Path) -> None:
     assert pipe.stats.skipped > 0
 
 
-def test_mjpeg_video_through_the_classifier_decoded_small_or_full(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("setting", "cpus", "own"),
+    [("auto", 1, False), ("auto", 2, False), ("auto", 3, True), ("auto", 64, True)]
+    + [("own", n, True) for n in (1, 4)]
+    + [("capture", n, False) for n in (1, 4)],
+)
+def test_preprocessing_gets_its_own_thread_where_there_are_cpus_for_it(setting: str, cpus: int, own: bool) -> None:
+    assert own_preprocess_thread(setting, cpus) is own
+
+
+def test_usable_cpus_follows_the_affinity_mask() -> None:
+    import os
+
+    assert usable_cpus() == len(os.sched_getaffinity(0)) >= 1
+
+
+@pytest.mark.parametrize("preprocess_thread", ["own", "capture"])
+def test_mjpeg_video_through_the_classifier_decoded_small_or_full(tmp_path: Path, preprocess_thread: str) -> None:
     """A Motion-JPEG file is decoded at the model's size (gray, 1/4 scale) and classified as well as full frames;
-    post-processing runs in its own stage and every result arrives, in order."""
+    post-processing runs in its own stage and every result arrives, in order, whichever thread pre-processes."""
     from agent.sources.base import FrameHint
     from agent.sources.camera import CameraSource, CameraSourceConfig
     from tests.test_source_camera import SAMPLES, digit_video
@@ -125,8 +150,10 @@ def test_mjpeg_video_through_the_classifier_decoded_small_or_full(tmp_path: Path
         predictor = Predictor.open(SAMPLES / "digits-classifier-tflite", threads=1)
         source = CameraSource(CameraSourceConfig(device=str(video), realtime=False, decode=decode), "video")  # type: ignore[arg-type]
         results: list[dict] = []
-        pipe = Pipeline("p", PipelineConfig(source="video", model="m", queue_size=2), source, predictor, results.append)
+        config = PipelineConfig(source="video", model="m", queue_size=2, preprocess_thread=preprocess_thread)  # type: ignore[arg-type]
+        pipe = Pipeline("p", config, source, predictor, results.append)
         pipe.start()
+        stages = [t.name for t in pipe._threads]
         try:
             assert wait_until(lambda p=pipe: p.finished, timeout=60)
         finally:
@@ -135,6 +162,9 @@ def test_mjpeg_video_through_the_classifier_decoded_small_or_full(tmp_path: Path
         assert source.frame_hint == FrameHint(32, 32, True)
         assert [r["seq"] for r in results] == list(range(1, 41)) and pipe.stats.processed == 40
         assert pipe.stats.dropped == 0 and pipe._infer_q.maxsize == REPLAY_QUEUE  # a file: deeper queues, no drops
+        own = preprocess_thread == "own"
+        assert stages == ["p-capture", *(["p-pre"] if own else []), "p-infer", "p-post"]
+        assert pipe.snapshot()["preprocess_thread"] == preprocess_thread
         labels[decode] = [r["label"] for r in results]
     expected = [str(i % 10) for i in range(40)]
     assert labels["full"] == expected and labels["auto"] == expected
