@@ -129,10 +129,12 @@ def test_sighup_reloads_without_restarting(tmp_path: Path, notify: NotifySocket)
     assert "reload refused" in (tmp_path / "stderr.txt").read_text()
 
 
-def test_sigterm_flushes_queued_results(tmp_path: Path, notify: NotifySocket) -> None:
+@pytest.mark.parametrize("preprocess_thread", ["own", "capture"])
+def test_sigterm_flushes_queued_results(tmp_path: Path, notify: NotifySocket, preprocess_thread: str) -> None:
     # windows of value 2e5 take ~0.5 s each: with a queue of 8, several are queued when SIGTERM lands
     config = write_config(tmp_path, [2e5] * 400, rate=2000.0, loop=False)
-    config.write_text(config.read_text().replace("stall_timeout = 1.0", "stall_timeout = 30.0\nqueue_size = 8"))
+    settings = f'stall_timeout = 30.0\nqueue_size = 8\npreprocess_thread = "{preprocess_thread}"'
+    config.write_text(config.read_text().replace("stall_timeout = 1.0", settings))
     proc = start_agent(["run", "--config", str(config)], notify, output_dir=tmp_path)
     try:
         notify.wait_for("READY", "1", timeout=30)
