@@ -1,0 +1,26 @@
+"""The benchmarks still run (`make bench`): a short pipeline and inference run, figures well-formed. Speed is not
+asserted here, only that each side measured something and the ratios are computed from the same run."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.pipeline_bench import run as run_pipeline
+from bench.run import bench_inference
+
+
+def test_pipeline_bench_runs_every_side() -> None:
+    report = run_pipeline(threads=1, rounds=1, soak_seconds=0, frames=90)
+    for key in ("bare_fps", "agent_fps", "bare_video_fps", "threaded_fps"):
+        assert report[key] > 0, key
+    # one round: the ratios are that round's (the reported fps are rounded to 0.1)
+    assert report["ratio"] == pytest.approx(report["agent_fps"] / report["bare_fps"], abs=2e-3)
+    assert report["ratio_threaded"] == pytest.approx(report["agent_fps"] / report["threaded_fps"], abs=2e-3)
+    assert report["agent_latency_ms"]["p50"] > 0 and "soak" not in report
+
+
+def test_inference_bench_compares_agent_and_bare_loop() -> None:
+    result = bench_inference("digits-classifier-tflite", "digit_7.png", threads=1, seconds=0.3)
+    assert result["bare_per_s"] > 0 and result["agent_per_s"] > 0 and result["agent_own_us"] > 0
+    assert result["ratio"] == pytest.approx(result["agent_per_s"] / result["bare_per_s"], abs=2e-4)
+    assert result["input"] == "digit_7.png 32x32"
