@@ -48,6 +48,9 @@ class PipelineConfig(_Strict):
     # where frames are pre-processed: a thread of its own, or the capture thread right after capture; auto: own
     # thread when the process may use 3 CPUs or more (capture, pre-processing and inference each get one)
     preprocess_thread: Literal["auto", "own", "capture"] = "auto"
+    # where the model runs: a thread of the agent, or a process of its own (a GIL of its own: for fast models, whose
+    # inference thread would otherwise wait for the GIL behind capture and publishing; the model is loaded twice)
+    inference: Literal["thread", "process"] = "thread"
     sinks: list[str] = Field(default_factory=lambda: ["stdout"])
     stall_timeout: float = Field(default=30.0, gt=0)  # an inference running longer than this is a stall
     window_stride: int | None = Field(default=None, gt=0)  # time series: override the bundle's stride

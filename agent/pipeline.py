@@ -28,6 +28,7 @@ from agent.bundle import TimeSeriesInput
 from agent.config import PipelineConfig
 from agent.errors import AgentError
 from agent.handoff import Handoff
+from agent.offload import SLOTS, InferenceProcess
 from agent.predictor import Prediction, Predictor, Prepared
 from agent.processing.timeseries import Windower
 from agent.sources import FrameHint, Sample, Source
@@ -212,6 +213,11 @@ class Pipeline:
         # Called from the post stage after each inference: (sample, prediction or None, inference ms, error).
         # The update manager watches the health of a new model through it and feeds its shadow model.
         self._watcher: Predictor | None = None  # another model fed the same frames (see watch_frames)
+        self._offload: InferenceProcess | None = None  # inference = "process": the current predictor's worker
+        self._offloads: list[InferenceProcess] = []  # every worker started, closed at the latest by stop()
+        self._publish_lock = threading.Lock()
+        self._used: InferenceProcess | None = None  # the worker frames went to last (the dispatching thread's)
+        self._direct = False  # the capture thread dispatches (see start)
         self.observer: Callable[[Sample, Prediction | None, float | None, str | None], None] | None = None
 
     @property
@@ -228,12 +234,18 @@ class Pipeline:
 
     def start(self) -> None:
         self.source.want_frames(self._frame_hint())
+        self._offload = self._start_offload(self._predictor)
+        # a replay pre-processed in the capture thread, with inference in a process: that thread hands each frame to
+        # the worker itself (nothing is dropped from a replay, so the newest-wins queue has nothing to do)
+        self._direct = self._offload is not None and not self.preprocess_thread and not self.source.live
         stages = [
             (self._capture_loop, "capture"),
             (self._pre_loop, "pre"),
             (self._infer_loop, "infer"),
             (self._post_loop, "post"),
         ]
+        if self._direct:
+            del stages[2]
         if not self.preprocess_thread:  # the capture thread pre-processes each frame it takes
             del stages[1]
         for target, stage in stages:
@@ -248,6 +260,8 @@ class Pipeline:
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        for offload in self._offloads:  # the inference stage closed those it used; a swapped-in one it never saw
+            offload.close(max(0.0, deadline - time.monotonic()))
 
     @property
     def alive(self) -> bool:
@@ -262,14 +276,20 @@ class Pipeline:
         """True when an inference has been running longer than ``stall_timeout`` or a stage died."""
         now = time.monotonic() if now is None else now
         busy = self.busy_since
+        offload = self._offload
+        if busy is None and offload is not None:
+            busy = offload.busy_since
         if busy is not None and now - busy > self.config.stall_timeout:
             return True
         return self.failed is not None
 
     def swap_predictor(self, predictor: Predictor) -> Predictor:
-        """Hot swap: the next inference uses ``predictor``; returns the old one (caller closes it)."""
+        """Hot swap: the next inference uses ``predictor``; returns the old one (caller closes it). With inference
+        in a process, the new model's process is started first; frames already sent to the old one finish there."""
+        offload = self._start_offload(predictor) if self._threads else None
         with self._swap_lock:
             old, self._predictor = self._predictor, predictor
+            self._offload = offload
             self._windower = self._make_windower(predictor)
         self.source.want_frames(self._frame_hint())
         return old
@@ -296,6 +316,9 @@ class Pipeline:
                     self._pre_q.close()
                     if not self.preprocess_thread:
                         self._infer_q.close()
+                    if self._direct:  # the capture thread was the inference stage too
+                        self._close_used()
+                        self._post_q.close()
                 elif stage == "pre":
                     self._infer_q.close()
                 elif stage == "infer":
@@ -339,7 +362,9 @@ class Pipeline:
                 continue
             last_accepted = now
             if not self.preprocess_thread:
-                self._prepare(sample)
+                if not self._prepare(sample):  # the inference process died: the pipeline has failed (see failed)
+                    self._stop.wait()
+                    return
             elif self._pre_q.put(sample, block=not self.source.live, stop=self._stop):
                 self.stats.dropped += 1
 
@@ -352,35 +377,107 @@ class Pipeline:
                 continue
             self._prepare(sample)
 
-    def _prepare(self, sample: Sample) -> None:
-        """Pre-process ``sample`` and queue it for inference (in the pre-processing or the capture thread)."""
+    def _prepare(self, sample: Sample) -> bool:
+        """Pre-process ``sample`` and queue it for inference (in the pre-processing or the capture thread); False
+        when inference can take no more (its process died)."""
+        predictor = self._predictor  # read once: a hot swap may replace it meanwhile (inference then prepares again)
         try:
-            prepared = self._predictor.prepare(sample.data)
+            prepared = predictor.prepare(sample.data)
         except AgentError as exc:
             self.stats.errors += 1
             log.warning("pre-processing failed", pipeline=self.name, error=str(exc))
-            return
+            return True
+        if self._direct:
+            return self._dispatch(sample, prepared, predictor)
         # waits for room even while stopping (stop lets queued work finish), unless inference crashed
-        if self._infer_q.put((sample, prepared, self._predictor), block=not self.source.live, stop=self._crashed):
+        if self._infer_q.put((sample, prepared, predictor), block=not self.source.live, stop=self._crashed):
             self.stats.dropped += 1
+        return True
+
+    def _start_offload(self, predictor: Predictor) -> InferenceProcess | None:
+        """``inference = "process"``: a worker process for ``predictor``'s model; None (inference in the inference
+        thread) for ``"thread"`` or when the model cannot run that way (said once, in the log)."""
+        if self.config.inference != "process":
+            return None
+        model = predictor.model
+        try:
+            offload = InferenceProcess(
+                str(model.info.path),
+                predictor.load_args,
+                [(t.concrete_shape(), t.dtype) for t in model.inputs],
+                [(t.concrete_shape(), t.dtype) for t in model.outputs],
+                self._offloaded,
+                name=self.name,
+                # a live source keeps latency bounded: one frame running, one waiting (newer ones wait in the queue,
+                # where the newest wins); a replay keeps the worker busy between the collector's naps
+                slots=SLOTS if not self.source.live else 2,
+            )
+        except AgentError as exc:
+            log.warning("inference stays in a thread", pipeline=self.name, reason=str(exc))
+            return None
+        self._offloads = [o for o in self._offloads if not o.closed] + [offload]
+        return offload
 
     def _infer_loop(self) -> None:
-        while True:
-            item = self._infer_q.get(timeout=0.5)
-            if item is None:
-                if self._infer_q.closed_and_empty:
-                    return
-                continue
-            sample, prepared, prepared_by = item
-            with self._swap_lock:
-                predictor = self._predictor
-            if predictor is not prepared_by:  # swapped in between: prepare again for the new model
-                try:
-                    prepared = predictor.prepare(sample.data)
-                except AgentError:
-                    self.stats.errors += 1
+        try:
+            while True:
+                item = self._infer_q.get(timeout=0.5)
+                if item is None:
+                    if self._infer_q.closed_and_empty:
+                        return
                     continue
+                if not self._dispatch(*item):
+                    return
+        finally:
+            self._close_used()
+
+    def _dispatch(self, sample: Sample, prepared: Prepared, prepared_by: Predictor) -> bool:
+        """Run one prepared frame, or send it to the inference process (in the inference thread, or for a replay in
+        the capture thread); False when that process died."""
+        with self._swap_lock:
+            predictor, offload = self._predictor, self._offload
+        if predictor is not prepared_by:  # swapped in between: prepare again for the new model
+            try:
+                prepared = predictor.prepare(sample.data)
+            except AgentError:
+                self.stats.errors += 1
+                return True
+        if offload is not self._used:  # a new model: what the old worker has finishes before it stops
+            self._close_used()
+            self._used = offload
+        if offload is None:
             self._infer_one(sample, prepared, predictor)
+            return True
+        return self._submit(offload, sample, prepared, predictor)
+
+    def _close_used(self) -> None:
+        """Let the worker frames went to last finish them (their results reach the sinks), then stop it."""
+        if self._used is not None:
+            self._used.close()
+
+    def _submit(self, offload: InferenceProcess, sample: Sample, prepared: Prepared, predictor: Predictor) -> bool:
+        """Send one frame to the inference process; False when the process died (the pipeline fails) or was closed
+        under this thread (a stop that gave up waiting for it)."""
+        try:
+            sent = offload.submit(predictor.model_inputs(prepared), (sample, prepared, predictor))
+            while not sent:
+                if offload.failed is not None:
+                    self.failed = offload.failed
+                    self._crashed.set()
+                    return False
+                if self._crashed.is_set() or offload.closed:  # closed: stop() gave up waiting for this thread
+                    return False
+                sent = offload.submit(predictor.model_inputs(prepared), (sample, prepared, predictor))
+        except AgentError as exc:
+            self._offloaded((sample, prepared, predictor), str(exc), 0.0)
+        return True
+
+    def _offloaded(self, ticket: tuple[Sample, Prepared, Predictor], raw: list[Any] | str, infer_ms: float) -> None:
+        """A result of the inference process, published by its collector thread (a hand-off less per frame than
+        through the post stage); serialized, as two workers deliver at once while a swapped-out model finishes."""
+        sample, prepared, predictor = ticket
+        with self._publish_lock:
+            self._publish(sample, prepared, predictor, raw, infer_ms)
 
     def _infer_one(self, sample: Sample, prepared: Prepared, predictor: Predictor) -> None:
         """Inference only; post-processing and publishing happen in the post stage, beside the next inference."""
@@ -447,6 +544,7 @@ class Pipeline:
             "source_health": self.source.health.to_dict(),
             "queue_depth": len(self._pre_q) + len(self._infer_q) + len(self._post_q),
             "preprocess_thread": "own" if self.preprocess_thread else "capture",
+            "inference": "process" if self._offload is not None else "thread",
             "stalled": self.stalled(),
             "failed": self.failed,
         } | self.stats.snapshot()

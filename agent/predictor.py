@@ -95,6 +95,8 @@ class Predictor:
         self._image_exact = self._image is not None and self._image.exact
         # exact image tensors can be written into the runtime's input buffer (anomaly models keep their input)
         self._fill_input = self._image_exact and meta.task != "anomaly"
+        # how to load the same model again (an inference process does): the runtime in use, its settings
+        self.load_args: dict[str, Any] = {"runtime": model.info.runtime, "threads": model.info.threads}
 
     @classmethod
     def open(
@@ -121,11 +123,13 @@ class Predictor:
             bundle.close()
             raise
         try:
-            return cls(bundle, model)
+            predictor = cls(bundle, model)
         except BaseException:
             model.close()
             bundle.close()
             raise
+        predictor.load_args |= {"providers": providers, "delegates": delegates, "provider_options": provider_options}
+        return predictor
 
     def close(self) -> None:
         self.model.close()
@@ -279,6 +283,11 @@ class Predictor:
         tensors = prepared.tensors
         with self._lock:
             return self.model.run_raw(tensors) if self._image_exact else self.model.predict_raw(tensors)
+
+    def model_inputs(self, prepared: Prepared) -> list[np.ndarray]:
+        """The arrays ``infer`` hands the runtime for ``prepared``: cast or quantized to the model's inputs."""
+        tensors = prepared.tensors
+        return tensors if self._image_exact else self.model.model_inputs(tensors)
 
     def finish(self, raw: list[np.ndarray], prepared: Prepared) -> Prediction:
         """Post-processing of ``infer``'s outputs; may run in another thread, beside the next inference."""

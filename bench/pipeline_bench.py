@@ -1,10 +1,12 @@
 """End-to-end daemon pipeline benchmark: a video file through the int8 classifier.
 
 Compares the pipelined agent (decode | pre-process | inference | post-process and sinks in
-threads) with the bare runtime loop over the same decoded frames (invoke only), with a plain
+threads; and with inference in a process of its own, ``inference = "process"``) with the bare
+runtime loop over the same decoded frames (invoke only), with a plain
 sequential decode + pre-process + invoke loop over the same video file, and with the least a
 threaded Python pipeline does (a decode thread feeding an invoke thread), in the same run; and
-measures capture-to-result latency and RSS over a soak run.
+measures capture-to-result latency and RSS (the agent's and its inference process's) over a
+soak run with inference in a process.
 """
 
 from __future__ import annotations
@@ -136,7 +138,12 @@ def threaded_fps(video: Path, threads: int) -> float:
 
 
 def agent_run(
-    video: Path, threads: int, out_dir: Path, loop: bool = False, duration: float | None = None
+    video: Path,
+    threads: int,
+    out_dir: Path,
+    loop: bool = False,
+    duration: float | None = None,
+    inference: str = "thread",
 ) -> dict[str, Any]:
     config = parse_config(
         {
@@ -149,6 +156,7 @@ def agent_run(
                     "threads": threads,
                     "queue_size": QUEUE,
                     "sinks": ["jsonl"],
+                    "inference": inference,
                 }
             },
             "sinks": {"jsonl": {"path": str(out_dir / "results.jsonl")}},
@@ -160,10 +168,14 @@ def agent_run(
     stop = threading.Event()
     proc = psutil.Process()
 
-    def sample_rss() -> None:
+    def sample_rss() -> None:  # the agent's and its inference process's
         t0 = time.monotonic()
         while not stop.wait(2.0):
-            rss.append((time.monotonic() - t0, proc.memory_info().rss / 2**20))
+            try:
+                total = sum(p.memory_info().rss for p in [proc, *proc.children()])
+            except psutil.Error:  # a child ended in between
+                continue
+            rss.append((time.monotonic() - t0, total / 2**20))
 
     sampler = threading.Thread(target=sample_rss, daemon=True)
     sampler.start()
@@ -172,6 +184,7 @@ def agent_run(
     original_shutdown = daemon._shutdown
 
     def capture_then_shutdown() -> None:
+        stop.set()  # RSS of the running agent only, its inference process included
         for name, p in daemon.pipelines.items():
             snapshot[name] = {
                 "processed": p.stats.processed,
@@ -216,7 +229,9 @@ def run(threads: int = 1, rounds: int = 7, soak_seconds: float = 120.0, frames: 
         tmpdir = Path(tmp)
         video = make_video(tmpdir / "digits.avi", frames)
         bare, bare_video, threaded, agent, ratios, ratios_video, ratios_threaded = [], [], [], [], [], [], []
+        process, ratios_process = [], []
         latency: dict[str, float] = {}
+        latency_process: dict[str, float] = {}
         for _ in range(rounds):
             bare.append(bare_fps(video, threads))
             bare_video.append(bare_video_fps(video, threads))
@@ -227,6 +242,11 @@ def run(threads: int = 1, rounds: int = 7, soak_seconds: float = 120.0, frames: 
             ratios_video.append(agent[-1] / bare_video[-1])
             ratios_threaded.append(agent[-1] / threaded[-1])
             latency = result["latency_ms"]
+            (tmpdir / "results.jsonl").unlink(missing_ok=True)
+            result = agent_run(video, threads, tmpdir, inference="process")
+            process.append(result["fps"])
+            ratios_process.append(process[-1] / bare[-1])
+            latency_process = result["latency_ms"]
             (tmpdir / "results.jsonl").unlink(missing_ok=True)
         report: dict[str, Any] = {
             "frames": frames,
@@ -242,12 +262,17 @@ def run(threads: int = 1, rounds: int = 7, soak_seconds: float = 120.0, frames: 
             "threaded_ratio": round(statistics.median([t / b for t, b in zip(threaded, bare, strict=True)]), 3),
             "ratio_threaded": round(statistics.median(ratios_threaded), 3),
             "agent_latency_ms": latency,
+            "process_fps": round(statistics.median(process), 1),
+            "process_ratio": round(statistics.median(ratios_process), 3),
+            "process_ratio_range": [round(min(ratios_process), 3), round(max(ratios_process), 3)],
+            "process_latency_ms": latency_process,
         }
         if soak_seconds > 0:
-            soak = agent_run(video, threads, tmpdir, loop=True, duration=soak_seconds)
+            soak = agent_run(video, threads, tmpdir, loop=True, duration=soak_seconds, inference="process")
             samples = soak["rss"]
             steady = [v for t, v in samples if t >= min(60.0, soak_seconds / 4)]
             report["soak"] = {
+                "inference": "process",
                 "seconds": round(soak["elapsed_s"], 1),
                 "processed": soak["processed"],
                 "fps": round(soak["fps"], 1),

@@ -11,12 +11,15 @@ from bench.run import bench_inference
 
 def test_pipeline_bench_runs_every_side() -> None:
     report = run_pipeline(threads=1, rounds=1, soak_seconds=0, frames=90)
-    for key in ("bare_fps", "agent_fps", "bare_video_fps", "threaded_fps"):
+    for key in ("bare_fps", "agent_fps", "bare_video_fps", "threaded_fps", "process_fps"):
         assert report[key] > 0, key
     # one round: the ratios are that round's (the reported fps are rounded to 0.1)
     assert report["ratio"] == pytest.approx(report["agent_fps"] / report["bare_fps"], abs=2e-3)
     assert report["ratio_threaded"] == pytest.approx(report["agent_fps"] / report["threaded_fps"], abs=2e-3)
-    assert report["agent_latency_ms"]["p50"] > 0 and "soak" not in report
+    assert report["process_ratio"] == pytest.approx(report["process_fps"] / report["bare_fps"], abs=2e-3)
+    assert report["process_ratio_range"] == [report["process_ratio"]] * 2
+    assert report["agent_latency_ms"]["p50"] > 0 and report["process_latency_ms"]["p50"] > 0
+    assert "soak" not in report
 
 
 def test_inference_bench_compares_agent_and_bare_loop() -> None:

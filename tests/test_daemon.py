@@ -129,16 +129,24 @@ def test_sighup_reloads_without_restarting(tmp_path: Path, notify: NotifySocket)
     assert "reload refused" in (tmp_path / "stderr.txt").read_text()
 
 
-@pytest.mark.parametrize("preprocess_thread", ["own", "capture"])
-def test_sigterm_flushes_queued_results(tmp_path: Path, notify: NotifySocket, preprocess_thread: str) -> None:
-    # windows of value 2e5 take ~0.5 s each: with a queue of 8, several are queued when SIGTERM lands
+@pytest.mark.parametrize(
+    ("preprocess_thread", "inference"), [("own", "thread"), ("capture", "thread"), ("capture", "process")]
+)
+def test_sigterm_flushes_queued_results(
+    tmp_path: Path, notify: NotifySocket, preprocess_thread: str, inference: str
+) -> None:
+    # windows of value 2e5 take ~0.5 s each: with a queue of 8, several are queued when SIGTERM lands (and with
+    # inference in a process, one more is in the worker)
     config = write_config(tmp_path, [2e5] * 400, rate=2000.0, loop=False)
-    settings = f'stall_timeout = 30.0\nqueue_size = 8\npreprocess_thread = "{preprocess_thread}"'
+    settings = (
+        f'stall_timeout = 30.0\nqueue_size = 8\npreprocess_thread = "{preprocess_thread}"\ninference = "{inference}"'
+    )
     config.write_text(config.read_text().replace("stall_timeout = 1.0", settings))
     proc = start_agent(["run", "--config", str(config)], notify, output_dir=tmp_path)
     try:
         notify.wait_for("READY", "1", timeout=30)
         time.sleep(0.5)
+        assert len(inference_workers(tmp_path)) == (inference == "process")
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
@@ -150,6 +158,22 @@ def test_sigterm_flushes_queued_results(tmp_path: Path, notify: NotifySocket, pr
     stdout_lines = [json.loads(x) for x in (tmp_path / "stdout.txt").read_text().splitlines() if x.startswith("{")]
     assert [r["seq"] for r in stdout_lines] == seqs
     assert notify.having("STOPPING", "1")
+    log = (tmp_path / "stderr.txt").read_text()
+    assert "inference stays in a thread" not in log and "inference process died" not in log
+    assert not inference_workers(tmp_path)  # an inference process does not outlive the agent
+
+
+def inference_workers(tmp_path: Path) -> list[int]:
+    """Inference processes running a model under ``tmp_path``."""
+    import psutil
+
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline", "status"])
+        if p.info["status"] != psutil.STATUS_ZOMBIE
+        and "agent.offload" in (p.info["cmdline"] or [])
+        and str(tmp_path) in " ".join(p.info["cmdline"])
+    ]
 
 
 def test_embedded_default_runs_without_config(tmp_path: Path) -> None:

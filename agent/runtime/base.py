@@ -135,11 +135,15 @@ class Model(abc.ABC):
 
     def predict_raw(self, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray] | np.ndarray) -> list[np.ndarray]:
         """``predict`` without the dequantization: outputs as the runtime returns them."""
+        return self.run_raw(self.model_inputs(inputs))
+
+    def model_inputs(self, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray] | np.ndarray) -> list[np.ndarray]:
+        """``inputs`` as ``run_raw`` takes them: one array per model input, in the input's dtype."""
         specs = self.info.inputs
         if type(inputs) is list and len(inputs) == 1 == len(specs):  # the common case, without _arrange
-            return self.run_raw([self.prepare_input(specs[0], inputs[0])])
+            return [self.prepare_input(specs[0], inputs[0])]
         arrays = self._arrange(inputs)
-        return self.run_raw([self.prepare_input(t, a) for t, a in zip(self.inputs, arrays, strict=True)])
+        return [self.prepare_input(t, a) for t, a in zip(self.inputs, arrays, strict=True)]
 
     def prepare_input(self, tensor: TensorInfo, array: np.ndarray) -> np.ndarray:
         """Cast or quantize ``array`` to ``tensor``'s dtype and check its shape."""

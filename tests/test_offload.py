@@ -1,0 +1,333 @@
+"""Inference in a child process: the slot layout and status records (pure), then real worker processes running
+the sample models, killed with real signals, and pipelines that use them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.config import PipelineConfig
+from agent.errors import AgentError
+from agent.offload import SLOTS, InferenceProcess, SlotLayout, read_status, write_status
+from agent.pipeline import Pipeline
+from agent.predictor import Predictor
+from tests.daemon_helpers import wait_until
+from tests.test_source_camera import SAMPLES, digit_video
+
+CLASSIFIER = SAMPLES / "digits-classifier-tflite"
+
+
+def test_slot_layout_places_every_tensor_aligned_after_the_header() -> None:
+    layout = SlotLayout.for_shapes(
+        [((1, 32, 32, 1), np.dtype(np.int8)), ((1, 3), np.dtype(np.float32))],
+        [((1, 10), np.dtype(np.int8)), ((2, 5, 4), np.dtype(np.float32))],
+    )
+    offsets = [off for off, _, _ in layout.inputs + layout.outputs]
+    assert offsets == [256, 256 + 1024, 256 + 1024 + 64, 256 + 1024 + 64 + 64]
+    assert all(off % 64 == 0 for off in offsets) and layout.size == offsets[-1] + 192  # 160 bytes, rounded up
+    assert SlotLayout.from_json(layout.to_json()) == layout
+    buffer = bytearray(layout.size * 2)
+    start, ins, outs = layout.views(buffer, 1)
+    assert start == layout.size and [a.shape for a in ins] == [(1, 32, 32, 1), (1, 3)]
+    outs[1][...] = 7.5  # views write into the shared buffer
+    assert np.frombuffer(buffer, np.float32, 40, layout.size + layout.outputs[1][0]).tolist() == [7.5] * 40
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (None, None),
+        ("input 'x' has shape [1, 3]", "input 'x' has shape [1, 3]"),
+        ("é" * 300, "é" * 120),  # truncated to fit the header, on a character boundary here
+        ("", ""),
+    ],
+)
+def test_status_records_round_trip(error: str | None, expected: str | None) -> None:
+    buffer = bytearray(1024)
+    write_status(buffer, 512, error, 1.25)
+    assert read_status(buffer, 512) == (expected, 1.25)
+
+
+def start_worker(predictor: Predictor, results: list[Any], **kwargs: Any) -> InferenceProcess:
+    model = predictor.model
+    return InferenceProcess(
+        str(model.info.path),
+        predictor.load_args,
+        [(t.concrete_shape(), t.dtype) for t in model.inputs],
+        [(t.concrete_shape(), t.dtype) for t in model.outputs],
+        lambda ticket, raw, ms: results.append((ticket, raw, ms)),
+        **kwargs,
+    )
+
+
+def digit_inputs(predictor: Predictor, count: int) -> list[list[np.ndarray]]:
+    import cv2
+
+    frames = [cv2.imread(str(SAMPLES / "inputs" / f"digit_{i % 10}.png")) for i in range(count)]
+    return [predictor.model_inputs(predictor.prepare(f)) for f in frames]
+
+
+@pytest.mark.parametrize("bundle", ["digits-classifier-tflite", "digits-classifier-onnx", "sensor-anomaly"])
+def test_worker_gives_what_the_runtime_gives_here_in_order(bundle: str) -> None:
+    predictor = Predictor.open(SAMPLES / bundle, threads=1)
+    results: list[Any] = []
+    try:
+        if predictor.kind == "timeseries":
+            rng = np.random.default_rng(3)
+            spec = predictor.input_spec
+            inputs = [
+                predictor.model_inputs(predictor.prepare(rng.normal(size=(spec.window, len(spec.channels)))))
+                for _ in range(40)
+            ]
+        else:
+            inputs = digit_inputs(predictor, 40)
+        expected = [[o.copy() for o in predictor.model.run_raw(arrays)] for arrays in inputs]
+        worker = start_worker(predictor, results)
+        try:
+            for i, arrays in enumerate(inputs):  # more frames than slots: submit waits for room
+                assert worker.submit(arrays, i, timeout=10.0)
+            assert wait_until(lambda: len(results) == len(inputs), timeout=30)
+            assert worker.busy_since is None
+        finally:
+            worker.close()
+    finally:
+        predictor.close()
+    assert [ticket for ticket, _, _ in results] == list(range(40))
+    for (_, raw, ms), want in zip(results, expected, strict=True):
+        assert not isinstance(raw, str) and ms > 0
+        assert all(np.array_equal(a, b) for a, b in zip(raw, want, strict=True))
+    assert worker.pid is not None and not Path(f"/proc/{worker.pid}").exists()  # stopped and reaped
+
+
+def test_inputs_that_do_not_fit_are_refused_at_submit() -> None:
+    predictor = Predictor.open(CLASSIFIER, threads=1)
+    results: list[Any] = []
+    worker = start_worker(predictor, results)
+    try:
+        with pytest.raises(AgentError, match=r"does not fit \[\[1, 32, 32, 1\]\]"):
+            worker.submit([np.zeros((1, 16, 16, 1), np.int8)], "x")
+        with pytest.raises(AgentError, match="does not fit"):
+            worker.submit([np.zeros((1, 32, 32, 1), np.float32)], "x")
+        assert worker.submit(digit_inputs(predictor, 1)[0], "ok")  # the refused ones took no slot
+        assert wait_until(lambda: len(results) == 1, timeout=10)
+    finally:
+        worker.close()
+        predictor.close()
+
+
+def test_a_model_the_worker_cannot_load_is_refused_at_start() -> None:
+    predictor = Predictor.open(CLASSIFIER, threads=1)
+    try:
+        with pytest.raises(AgentError, match="inference process did not start: runtime onnxruntime cannot run tflite"):
+            InferenceProcess(
+                str(predictor.model.info.path),
+                predictor.load_args | {"runtime": "onnxruntime"},
+                [(t.concrete_shape(), t.dtype) for t in predictor.model.inputs],
+                [(t.concrete_shape(), t.dtype) for t in predictor.model.outputs],
+                lambda *a: None,
+            )
+        with pytest.raises(AgentError, match="outputs do not keep one shape"):
+            InferenceProcess(  # slots sized for outputs the model does not give
+                str(predictor.model.info.path),
+                predictor.load_args,
+                [(t.concrete_shape(), t.dtype) for t in predictor.model.inputs],
+                [((1, 11), np.dtype(np.int8))],
+                lambda *a: None,
+            )
+    finally:
+        predictor.close()
+
+
+def test_a_killed_worker_fails_what_it_held_and_refuses_more() -> None:
+    predictor = Predictor.open(CLASSIFIER, threads=1)
+    results: list[Any] = []
+    worker = start_worker(predictor, results)
+    try:
+        assert worker.pid is not None
+        os.kill(worker.pid, signal.SIGSTOP)  # frames pile up in the stopped worker
+        inputs = digit_inputs(predictor, 5)
+        for i, arrays in enumerate(inputs):
+            assert worker.submit(arrays, i)
+        assert worker.busy_since is not None
+        os.kill(worker.pid, signal.SIGKILL)
+        assert wait_until(lambda: len(results) == 5, timeout=10)
+        assert worker.failed == "inference process exited with code -9"
+        assert all(raw == worker.failed for _, raw, _ in results)
+        assert worker.submit(inputs[0], "late") is False
+    finally:
+        worker.close()
+        predictor.close()
+
+
+def test_the_worker_ends_when_the_agent_is_killed(tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys, time\n"
+        "from agent.predictor import Predictor\n"
+        "from agent.offload import InferenceProcess\n"
+        f"p = Predictor.open({str(CLASSIFIER)!r}, threads=1)\n"
+        "m = p.model\n"
+        "w = InferenceProcess(str(m.info.path), p.load_args, [(t.concrete_shape(), t.dtype) for t in m.inputs],\n"
+        "    [(t.concrete_shape(), t.dtype) for t in m.outputs], lambda *a: None)\n"
+        "print(w.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    parent = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=root,
+        env=os.environ | {"PYTHONPATH": str(root)},
+    )
+    try:
+        assert parent.stdout is not None
+        worker_pid = int(parent.stdout.readline())
+        assert Path(f"/proc/{worker_pid}").exists()
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        # the worker's parent is gone: init reaps it once it exits, which it does at the end of its ready pipe
+        assert wait_until(lambda: not _running(worker_pid), timeout=10)
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def video_pipeline(
+    tmp_path: Path, frames: int, camera: dict[str, Any] | None = None, **cfg: Any
+) -> tuple[Pipeline, list[dict[str, Any]], Predictor]:
+    """The classifier over a Motion-JPEG file of digits, inference in a process; ``camera``: source settings (a
+    replay as fast as processed unless told otherwise)."""
+    from agent.sources.camera import CameraSource, CameraSourceConfig
+
+    video = digit_video(tmp_path / "digits.avi", frames=frames)
+    predictor = Predictor.open(CLASSIFIER, threads=1)
+    source = CameraSource(CameraSourceConfig(device=str(video), **({"realtime": False} | (camera or {}))), "video")
+    results: list[dict[str, Any]] = []
+    config = PipelineConfig(source="video", model="m", queue_size=2, inference="process", **cfg)
+    return Pipeline("p", config, source, predictor, results.append), results, predictor
+
+
+@pytest.mark.parametrize("preprocess_thread", ["own", "capture"])
+def test_replay_through_an_inference_process_gives_every_result_in_order(
+    tmp_path: Path, preprocess_thread: str
+) -> None:
+    """In the capture thread (a replay): frames go straight to the worker; with a pre-processing thread, through
+    the inference thread. Every frame is classified as in a thread, in order; the worker ends with the pipeline."""
+    pipe, results, predictor = video_pipeline(tmp_path, 60, preprocess_thread=preprocess_thread)
+    pipe.start()
+    stages = [t.name for t in pipe._threads]
+    worker = pipe._offload
+    try:
+        assert worker is not None and worker.slots == SLOTS
+        assert pipe.snapshot()["inference"] == "process"
+        assert wait_until(lambda: pipe.finished, timeout=60)
+    finally:
+        pipe.stop()
+        predictor.close()
+    assert [r["seq"] for r in results] == list(range(1, 61)) and pipe.stats.processed == 60
+    assert [r["label"] for r in results] == [str(i % 10) for i in range(60)]
+    assert pipe.stats.errors == 0 and pipe.stats.dropped == 0 and len(pipe.stats.infer_ms) == 60
+    own = preprocess_thread == "own"
+    assert stages == ["p-capture", *(["p-pre", "p-infer"] if own else []), "p-post"]
+    assert worker.pid is not None and not _running(worker.pid)
+
+
+def test_a_live_source_keeps_two_frames_in_the_worker(tmp_path: Path) -> None:
+    from agent.sources.synthetic import SyntheticSource, SyntheticSourceConfig
+    from tests import onnx_models
+
+    model = onnx_models.float_image_classifier(tmp_path / "m.onnx", channels=3, size=8, classes=4)
+    predictor = Predictor.open(model)
+    source = SyntheticSource(SyntheticSourceConfig(rate=100, width=64, height=48), "syn")
+    results: list[dict[str, Any]] = []
+    pipe = Pipeline(
+        "p", PipelineConfig(source="syn", model=str(model), inference="process"), source, predictor, results.append
+    )
+    pipe.start()
+    try:
+        assert pipe._offload is not None and pipe._offload.slots == 2 and not pipe._direct
+        assert wait_until(lambda: len(results) >= 30, timeout=30)
+    finally:
+        pipe.stop()
+        predictor.close()
+    assert [r["seq"] for r in results] == list(range(1, len(results) + 1))
+    assert not pipe.stalled()
+
+
+def test_worker_death_fails_the_pipeline_without_taking_the_agent_down(tmp_path: Path) -> None:
+    pipe, results, predictor = video_pipeline(
+        tmp_path, 30, camera={"realtime": True, "loop": True}, preprocess_thread="capture"
+    )
+    pipe.start()
+    try:
+        worker = pipe._offload
+        assert worker is not None and worker.pid is not None
+        assert wait_until(lambda: len(results) >= 5, timeout=30)
+        os.kill(worker.pid, signal.SIGKILL)
+        assert wait_until(lambda: pipe.failed is not None, timeout=15)
+        assert pipe.failed == "inference process exited with code -9" and pipe.stalled()
+        assert not pipe.finished  # a failure is not the end of the input: the daemon reports it, systemd restarts us
+    finally:
+        pipe.stop()
+        predictor.close()
+
+
+def test_hot_swap_starts_the_new_models_worker_and_stops_the_old_one(tmp_path: Path) -> None:
+    pipe, results, predictor = video_pipeline(
+        tmp_path, 30, camera={"realtime": True, "fps": 200, "loop": True}, preprocess_thread="capture"
+    )
+    onnx = Predictor.open(SAMPLES / "digits-classifier-onnx", threads=1)
+    pipe.start()
+    try:
+        first = pipe._offload
+        assert first is not None
+        assert wait_until(lambda: len(results) >= 10, timeout=30)
+        old = pipe.swap_predictor(onnx)
+        assert old is predictor and pipe._offload is not first and pipe._offload is not None
+        assert wait_until(lambda: any(r["model"] == "digits-classifier-onnx" for r in results), timeout=30)
+        assert first.pid is not None and wait_until(lambda: not _running(first.pid), timeout=15)
+        count = len(results)
+        assert wait_until(lambda: len(results) >= count + 10, timeout=30)
+    finally:
+        pipe.stop()
+        predictor.close()
+        onnx.close()
+    models = [r["model"] for r in results]
+    switch = models.index("digits-classifier-onnx")
+    assert set(models[:switch]) == {"digits-classifier-tflite"} and set(models[switch:]) == {"digits-classifier-onnx"}
+    assert [r["seq"] for r in results] == list(range(1, len(results) + 1)) and pipe.stats.errors == 0
+    last = pipe._offloads[-1]
+    assert last.pid is not None and not _running(last.pid)
+
+
+def test_closing_twice_and_from_two_threads_is_harmless() -> None:
+    predictor = Predictor.open(CLASSIFIER, threads=1)
+    worker = start_worker(predictor, [])
+    try:
+        closers = [threading.Thread(target=worker.close) for _ in range(2)]
+        for t in closers:
+            t.start()
+        for t in closers:
+            t.join(20)
+        worker.close()
+        assert worker.submit(digit_inputs(predictor, 1)[0], "late") is False
+    finally:
+        predictor.close()
+    assert worker.pid is not None and not _running(worker.pid)
