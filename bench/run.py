@@ -121,13 +121,15 @@ def main() -> int:
         console.print(
             f'pipeline with inference in a process (inference = "process"): {pipe["process_fps"]} fps -> ratio '
             f"{pipe['process_ratio']} (rounds {pipe['process_ratio_range'][0]}-{pipe['process_ratio_range'][1]}); "
-            f"capture->result p50 {pipe['process_latency_ms']['p50']} ms, p99 {pipe['process_latency_ms']['p99']} ms"
+            f"capture->result p50 {pipe['process_latency_ms']['p50']} ms, p99 {pipe['process_latency_ms']['p99']} ms; "
+            f"CPU time stolen by the hypervisor during the rounds: {pipe['steal_pct']}%"
         )
         if "soak" in pipe:
             s = pipe["soak"]
             console.print(
                 f"soak ({s['inference']} inference) {s['seconds']} s: {s['processed']} results at {s['fps']} fps, p99 {s['latency_ms']['p99']} ms; "
-                f"RSS {s['rss_start_mb']} -> {s['rss_end_mb']} MB (growth {s['rss_growth_mb']} MB, max {s['rss_max_mb']} MB)"
+                f"RSS {s['rss_start_mb']} -> {s['rss_end_mb']} MB (growth {s['rss_growth_mb']} MB, max {s['rss_max_mb']} MB); "
+                f"stolen {s['steal_pct']}%"
             )
     if args.only in (None, "mqtt"):
         from bench.mqtt_bench import run as run_mqtt

@@ -20,6 +20,16 @@ def test_pipeline_bench_runs_every_side() -> None:
     assert report["process_ratio_range"] == [report["process_ratio"]] * 2
     assert report["agent_latency_ms"]["p50"] > 0 and report["process_latency_ms"]["p50"] > 0
     assert "soak" not in report
+    assert report["steal_pct"] is None or 0 <= report["steal_pct"] <= 100
+
+
+def test_steal_share_of_cpu_time() -> None:
+    from bench.pipeline_bench import cpu_times, steal_share
+
+    assert steal_share((1000, 10), (2000, 60)) == 5.0
+    assert steal_share(None, (2000, 60)) is None and steal_share((1000, 10), (1000, 10)) is None
+    now = cpu_times()
+    assert now is not None and now[0] >= now[1] >= 0  # this Linux machine has /proc/stat
 
 
 def test_inference_bench_compares_agent_and_bare_loop() -> None:
