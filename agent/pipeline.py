@@ -495,9 +495,11 @@ class Pipeline:
                 return
 
     def _post_loop(self) -> None:
+        lock = self._publish_lock  # an inference process's collector may publish too (a hot swap's old worker)
         while (batch := self._post_q.take_all()) is not None:
             for sample, prepared, predictor, raw, infer_ms in batch:
-                self._publish(sample, prepared, predictor, raw, infer_ms)
+                with lock:
+                    self._publish(sample, prepared, predictor, raw, infer_ms)
 
     def _publish(
         self, sample: Sample, prepared: Prepared, predictor: Predictor, raw: list[Any] | str, infer_ms: float
