@@ -31,12 +31,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
 
 from agent.errors import AgentError
+
+if TYPE_CHECKING:
+    from agent.runtime import Model
 
 log = structlog.get_logger(__name__)
 
@@ -214,6 +217,25 @@ class InferenceProcess:
             return f"it exited with code {code}"
         return None if "ok" in answer else str(answer.get("error"))
 
+    @classmethod
+    def for_model(
+        cls,
+        model: Model,
+        load_args: dict[str, Any],
+        on_result: Callable[[Any, list[np.ndarray] | str, float], None],
+        **kwargs: Any,
+    ) -> InferenceProcess:
+        """A worker for a model loaded here: the same file loaded with ``load_args`` (``Predictor.load_args``), slots
+        sized for its inputs and outputs (dynamic dims as ``concrete_shape`` fills them)."""
+        return cls(
+            str(model.info.path),
+            load_args,
+            [(t.concrete_shape(), t.dtype) for t in model.inputs],
+            [(t.concrete_shape(), t.dtype) for t in model.outputs],
+            on_result,
+            **kwargs,
+        )
+
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
@@ -383,7 +405,8 @@ def _serve(spec: dict[str, Any], ready: int, done: int, answer: Any) -> int:
                     raise AgentError(f"output of shape {list(out.shape)} where {list(view.shape)} was expected")
                 view[...] = out
         except Exception as exc:  # one frame fails; the worker goes on
-            error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            said = str(exc).strip()
+            error = said.splitlines()[0] if said else type(exc).__name__
         write_status(buffer, slot_start, error, (perf() - start) * 1000.0)
         unsaid += 1
         k = (k + 1) % slots

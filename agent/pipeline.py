@@ -399,13 +399,10 @@ class Pipeline:
         thread) for ``"thread"`` or when the model cannot run that way (said once, in the log)."""
         if self.config.inference != "process":
             return None
-        model = predictor.model
         try:
-            offload = InferenceProcess(
-                str(model.info.path),
+            offload = InferenceProcess.for_model(
+                predictor.model,
                 predictor.load_args,
-                [(t.concrete_shape(), t.dtype) for t in model.inputs],
-                [(t.concrete_shape(), t.dtype) for t in model.outputs],
                 self._offloaded,
                 name=self.name,
                 # a live source keeps latency bounded: one frame running, one waiting (newer ones wait in the queue,
@@ -458,8 +455,10 @@ class Pipeline:
     def _submit(self, offload: InferenceProcess, sample: Sample, prepared: Prepared, predictor: Predictor) -> bool:
         """Send one frame to the inference process; False when the process died (the pipeline fails) or was closed
         under this thread (a stop that gave up waiting for it)."""
+        ticket = (sample, prepared, predictor)
         try:
-            sent = offload.submit(predictor.model_inputs(prepared), (sample, prepared, predictor))
+            arrays = predictor.model_inputs(prepared)
+            sent = offload.submit(arrays, ticket)
             while not sent:
                 if offload.failed is not None:
                     self.failed = offload.failed
@@ -467,9 +466,9 @@ class Pipeline:
                     return False
                 if self._crashed.is_set() or offload.closed:  # closed: stop() gave up waiting for this thread
                     return False
-                sent = offload.submit(predictor.model_inputs(prepared), (sample, prepared, predictor))
+                sent = offload.submit(arrays, ticket)
         except AgentError as exc:
-            self._offloaded((sample, prepared, predictor), str(exc), 0.0)
+            self._offloaded(ticket, str(exc), 0.0)
         return True
 
     def _offloaded(self, ticket: tuple[Sample, Prepared, Predictor], raw: list[Any] | str, infer_ms: float) -> None:

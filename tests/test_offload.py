@@ -57,14 +57,8 @@ def test_status_records_round_trip(error: str | None, expected: str | None) -> N
 
 
 def start_worker(predictor: Predictor, results: list[Any], **kwargs: Any) -> InferenceProcess:
-    model = predictor.model
-    return InferenceProcess(
-        str(model.info.path),
-        predictor.load_args,
-        [(t.concrete_shape(), t.dtype) for t in model.inputs],
-        [(t.concrete_shape(), t.dtype) for t in model.outputs],
-        lambda ticket, raw, ms: results.append((ticket, raw, ms)),
-        **kwargs,
+    return InferenceProcess.for_model(
+        predictor.model, predictor.load_args, lambda ticket, raw, ms: results.append((ticket, raw, ms)), **kwargs
     )
 
 
@@ -127,12 +121,8 @@ def test_a_model_the_worker_cannot_load_is_refused_at_start() -> None:
     predictor = Predictor.open(CLASSIFIER, threads=1)
     try:
         with pytest.raises(AgentError, match="inference process did not start: runtime onnxruntime cannot run tflite"):
-            InferenceProcess(
-                str(predictor.model.info.path),
-                predictor.load_args | {"runtime": "onnxruntime"},
-                [(t.concrete_shape(), t.dtype) for t in predictor.model.inputs],
-                [(t.concrete_shape(), t.dtype) for t in predictor.model.outputs],
-                lambda *a: None,
+            InferenceProcess.for_model(
+                predictor.model, predictor.load_args | {"runtime": "onnxruntime"}, lambda *a: None
             )
         with pytest.raises(AgentError, match="outputs do not keep one shape"):
             InferenceProcess(  # slots sized for outputs the model does not give
@@ -175,8 +165,7 @@ def test_the_worker_ends_when_the_agent_is_killed(tmp_path: Path) -> None:
         "from agent.offload import InferenceProcess\n"
         f"p = Predictor.open({str(CLASSIFIER)!r}, threads=1)\n"
         "m = p.model\n"
-        "w = InferenceProcess(str(m.info.path), p.load_args, [(t.concrete_shape(), t.dtype) for t in m.inputs],\n"
-        "    [(t.concrete_shape(), t.dtype) for t in m.outputs], lambda *a: None)\n"
+        "w = InferenceProcess.for_model(m, p.load_args, lambda *a: None)\n"
         "print(w.pid, flush=True)\n"
         "time.sleep(60)\n"
     )
