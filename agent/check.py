@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig
 from agent.errors import AgentError
+from agent.pipeline import choose_inference, pipeline_rate
 from agent.predictor import Predictor
 from agent.runtime import runtime_report
 from agent.sources import create_source
@@ -35,10 +37,12 @@ def run_checks(config: AgentConfig) -> dict[str, Any]:
         add("mqtt broker", ok, detail)
     if config.update.enabled:
         add_update(config, add)
+    rates: dict[str, float | None] = {}  # samples a second each source delivers at most
     for name, src_cfg in config.sources.items():
         source = create_source(src_cfg, name)
         try:
             problem = source.probe()
+            rates[name] = source.nominal_rate
         finally:
             source.close()
         add(f"source {name}", problem is None, problem or f"{src_cfg.type} source opens")
@@ -57,7 +61,19 @@ def run_checks(config: AgentConfig) -> dict[str, Any]:
             detail = f"{predictor.bundle.name} {predictor.bundle.version} on {info.runtime} {info.runtime_version}"
             if predictor.bundle.metadata.golden is not None:
                 detail += ", golden vectors " + ("pass" if not golden else "FAIL: " + "; ".join(golden))
-            add(f"pipeline {name}", not golden, f"{detail} (source {pipe.source}: {kind})")
+            rate = pipeline_rate(pipe, predictor, rates.get(pipe.source))
+            in_process, cpus, took_ms = choose_inference(pipe.inference, predictor, rate)
+            place = "process" if in_process else "thread"
+            if pipe.inference == "auto":
+                timed = f"{took_ms:.2f} ms an inference, " if took_ms is not None else ""
+                pace = "unknown" if rate is None else "as fast as processed" if rate == math.inf else f"{rate:g}/s"
+                place += f" (auto: {timed}at most {pace}, {cpus} CPU{'s' if cpus > 1 else ''})"
+            add(
+                f"pipeline {name}",
+                not golden,
+                f"{detail}, inference in a {place} (source {pipe.source}: {kind})",
+                inference="process" if in_process else "thread",
+            )
         finally:
             predictor.close()
     return {"ok": all(c["ok"] for c in checks), "checks": checks}

@@ -49,8 +49,9 @@ class PipelineConfig(_Strict):
     # thread when the process may use 3 CPUs or more (capture, pre-processing and inference each get one)
     preprocess_thread: Literal["auto", "own", "capture"] = "auto"
     # where the model runs: a thread of the agent, or a process of its own (a GIL of its own: for fast models, whose
-    # inference thread would otherwise wait for the GIL behind capture and publishing; the model is loaded twice)
-    inference: Literal["thread", "process"] = "thread"
+    # inference thread would otherwise wait for the GIL behind capture and publishing; the model is loaded twice);
+    # auto: a process for a model faster than AUTO_PROCESS_BELOW_MS when the agent may use 2 CPUs or more
+    inference: Literal["auto", "thread", "process"] = "auto"
     sinks: list[str] = Field(default_factory=lambda: ["stdout"])
     stall_timeout: float = Field(default=30.0, gt=0)  # an inference running longer than this is a stall
     window_stride: int | None = Field(default=None, gt=0)  # time series: override the bundle's stride

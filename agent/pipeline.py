@@ -8,12 +8,14 @@ are never dropped from: their reader waits for room. Sensor rows are windowed in
 the capture thread, before any drop.
 
 Pre-processing has a thread of its own where there are CPUs for it (``own_preprocess_thread``); on one or two
-CPUs the capture thread pre-processes each frame itself.
+CPUs the capture thread pre-processes each frame itself. A fast model that its source keeps busy runs in a process
+of its own, given two CPUs or more (``inference_in_process``).
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import os
 import threading
 import time
@@ -115,6 +117,55 @@ def own_preprocess_thread(setting: str, cpus: int) -> bool:
     if setting == "auto":
         return cpus >= 3
     return setting == "own"
+
+
+# inference = "auto": a model whose inference takes less than this may run in a process of its own (with 2 CPUs or
+# more). Per frame the agent's own Python work (capture, pre- and post-processing, publishing) costs tens of
+# microseconds of GIL, which a thread-run inference waits behind: 13% of the sample classifier's 0.13 ms on an x86
+# host, under 1% of a 5 ms model, where a second process (30-60 MB) no longer pays.
+AUTO_PROCESS_BELOW_MS = 5.0
+# ... and only when its source may keep inference busy this share of the time or more: a camera at 30 fps takes
+# 0.4% of a CPU with that classifier, where GIL waits cost next to nothing; a file read as fast as it is processed
+# keeps it busy all the time.
+AUTO_PROCESS_BUSY = 0.2
+
+
+def inference_in_process(setting: str, cpus: int, inference_ms: float | None, rate: float | None) -> bool:
+    """Pure: whether a pipeline's model runs in a process of its own. ``inference_ms``: one inference of the model
+    on this machine (None: not measured, e.g. the model failed to run); ``rate``: inferences a second the source
+    can ask for at most (``inference_rate``)."""
+    if setting != "auto":
+        return setting == "process"
+    if cpus < 2 or inference_ms is None or inference_ms >= AUTO_PROCESS_BELOW_MS or rate is None:
+        return False
+    return rate * inference_ms / 1000.0 >= AUTO_PROCESS_BUSY
+
+
+def inference_rate(source_rate: float | None, max_fps: float | None, stride: int | None) -> float | None:
+    """Pure: inferences a second a pipeline may run at most: its source's samples a second (``Source.nominal_rate``:
+    ``math.inf`` for a file read as fast as processed, None when unknown), under the pipeline's ``max_fps`` cap, per
+    window of sensor rows (``stride`` rows apart)."""
+    if max_fps is not None:
+        source_rate = max_fps if source_rate is None else min(source_rate, max_fps)
+    if source_rate is None or stride is None:
+        return source_rate
+    return source_rate / stride
+
+
+def pipeline_rate(config: PipelineConfig, predictor: Predictor, source_rate: float | None) -> float | None:
+    """``inference_rate`` for a pipeline of ``config`` running ``predictor`` (windows of its stride)."""
+    spec = predictor.input_spec
+    stride = (config.window_stride or spec.stride) if isinstance(spec, TimeSeriesInput) else None
+    return inference_rate(source_rate, config.max_fps, stride)
+
+
+def choose_inference(setting: str, predictor: Predictor, rate: float | None) -> tuple[bool, int, float | None]:
+    """Where ``predictor``'s model runs under ``setting`` here, at most ``rate`` inferences a second: (in a process,
+    usable CPUs, one inference in ms: timed when auto may choose a process, else None)."""
+    cpus = usable_cpus()
+    timed = setting == "auto" and cpus >= 2 and rate is not None and rate > 0
+    took_ms = predictor.inference_ms() if timed else None
+    return inference_in_process(setting, cpus, took_ms, rate), cpus, took_ms
 
 
 def rate_gate(last_ts: float | None, now: float, fps_cap: float | None) -> bool:
@@ -395,10 +446,24 @@ class Pipeline:
         return True
 
     def _start_offload(self, predictor: Predictor) -> InferenceProcess | None:
-        """``inference = "process"``: a worker process for ``predictor``'s model; None (inference in the inference
-        thread) for ``"thread"`` or when the model cannot run that way (said once, in the log)."""
-        if self.config.inference != "process":
+        """A worker process for ``predictor``'s model where ``inference`` asks for one (``inference_in_process``);
+        None (inference in the inference thread) otherwise or when the model cannot run that way (said in the log)."""
+        setting = self.config.inference
+        if setting == "thread":
             return None
+        if setting == "auto":
+            rate = pipeline_rate(self.config, predictor, self.source.nominal_rate)
+            chosen, cpus, took_ms = choose_inference(setting, predictor, rate)
+            log.info(
+                "inference in a process" if chosen else "inference in a thread",
+                pipeline=self.name,
+                model=predictor.bundle.name,
+                inference_ms=None if took_ms is None else round(took_ms, 3),
+                max_rate="as fast as processed" if rate == math.inf else rate,
+                cpus=cpus,
+            )
+            if not chosen:
+                return None
         try:
             offload = InferenceProcess.for_model(
                 predictor.model,
@@ -410,7 +475,10 @@ class Pipeline:
                 slots=SLOTS if not self.source.live else 2,
             )
         except AgentError as exc:
-            log.warning("inference stays in a thread", pipeline=self.name, reason=str(exc))
+            # asked for, it is a warning; chosen by auto, the thread is as good a place
+            (log.warning if setting == "process" else log.info)(
+                "inference stays in a thread", pipeline=self.name, reason=str(exc)
+            )
             return None
         self._offloads = [o for o in self._offloads if not o.closed] + [offload]
         return offload

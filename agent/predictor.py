@@ -26,7 +26,7 @@ from agent.bundle import (
     TimeSeriesInput,
     load_bundle,
 )
-from agent.errors import BundleError, InputError
+from agent.errors import AgentError, BundleError, InputError
 from agent.processing import postprocess
 from agent.processing.image import ImagePreprocessor, Transform, infer_layout
 from agent.processing.timeseries import WindowPreprocessor
@@ -283,6 +283,24 @@ class Predictor:
         tensors = prepared.tensors
         with self._lock:
             return self.model.run_raw(tensors) if self._image_exact else self.model.predict_raw(tensors)
+
+    def inference_ms(self, runs: int = 5, budget_ms: float = 20.0) -> float | None:
+        """How long one inference of the model takes here: the fastest of up to ``runs`` runs on zeros, fewer once
+        they have taken ``budget_ms`` (a slow model is timed once). None when the model fails to run on zeros."""
+        inputs = [np.zeros(t.concrete_shape(), dtype=t.dtype) for t in self.model.inputs]
+        fastest, spent = math.inf, 0.0
+        with self._lock:
+            for _ in range(runs):
+                start = time.perf_counter()
+                try:
+                    self.model.run_raw(inputs)
+                except AgentError:
+                    return None
+                took = (time.perf_counter() - start) * 1000.0
+                fastest, spent = min(fastest, took), spent + took
+                if spent >= budget_ms:
+                    break
+        return fastest
 
     def model_inputs(self, prepared: Prepared) -> list[np.ndarray]:
         """The arrays ``infer`` hands the runtime for ``prepared``: cast or quantized to the model's inputs."""

@@ -237,6 +237,7 @@ class Simulator:
                     },
                     "model": MODEL.model_dump(),
                     "runtime": "onnxruntime",
+                    "inference": "thread",
                     "source": {
                         "connected": True,
                         "samples": processed,

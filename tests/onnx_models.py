@@ -108,10 +108,11 @@ def yolo_like(path: Path, rows: np.ndarray) -> Path:
     return _save(helper.make_model(graph, opset_imports=OPSET), path)
 
 
-def slow_on_demand(path: Path, width: int = 4) -> Path:
-    """(1, width) float -> (1, 1): runs a Loop whose trip count is the input's max value.
+def slow_on_demand(path: Path, width: int = 4, base_trips: int = 0) -> Path:
+    """(1, width) float -> (1, 1): runs a Loop whose trip count is the input's max value plus ``base_trips``.
 
-    Normal inputs (1.0) are instant; a large value makes one inference take seconds: a real stall.
+    Normal inputs (1.0) are instant; a large value makes one inference take seconds: a real stall. ``base_trips``
+    makes every inference slow (each trip is a few microseconds, run one after the other on any machine).
     """
     body = helper.make_graph(
         [
@@ -133,7 +134,8 @@ def slow_on_demand(path: Path, width: int = 4) -> Path:
     graph = helper.make_graph(
         [
             helper.make_node("ReduceMax", ["x"], ["mx"], keepdims=0),
-            helper.make_node("Cast", ["mx"], ["trips"], to=TensorProto.INT64),
+            helper.make_node("Add", ["mx", "base"], ["mx_base"]),
+            helper.make_node("Cast", ["mx_base"], ["trips"], to=TensorProto.INT64),
             helper.make_node("Loop", ["trips", "cond", "acc0"], ["acc"], body=body),
             helper.make_node("Reshape", ["acc", "shape"], ["y"]),
         ],
@@ -144,6 +146,7 @@ def slow_on_demand(path: Path, width: int = 4) -> Path:
             numpy_helper.from_array(np.asarray(True), "cond"),
             numpy_helper.from_array(np.asarray([0.0], dtype=np.float32), "acc0"),
             numpy_helper.from_array(np.asarray([1, 1], dtype=np.int64), "shape"),
+            numpy_helper.from_array(np.asarray(float(base_trips), dtype=np.float32), "base"),
         ],
     )
     return _save(helper.make_model(graph, opset_imports=OPSET), path)

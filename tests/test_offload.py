@@ -3,11 +3,15 @@ the sample models, killed with real signals, and pipelines that use them."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,13 @@ import pytest
 from agent.config import PipelineConfig
 from agent.errors import AgentError
 from agent.offload import SLOTS, InferenceProcess, SlotLayout, read_status, write_status
-from agent.pipeline import Pipeline
+from agent.pipeline import (
+    AUTO_PROCESS_BELOW_MS,
+    AUTO_PROCESS_BUSY,
+    Pipeline,
+    inference_in_process,
+    inference_rate,
+)
 from agent.predictor import Predictor
 from tests.daemon_helpers import wait_until
 from tests.test_source_camera import SAMPLES, digit_video
@@ -201,15 +211,15 @@ def _running(pid: int) -> bool:
 def video_pipeline(
     tmp_path: Path, frames: int, camera: dict[str, Any] | None = None, **cfg: Any
 ) -> tuple[Pipeline, list[dict[str, Any]], Predictor]:
-    """The classifier over a Motion-JPEG file of digits, inference in a process; ``camera``: source settings (a
-    replay as fast as processed unless told otherwise)."""
+    """The classifier over a Motion-JPEG file of digits, inference in a process unless ``cfg`` says otherwise;
+    ``camera``: source settings (a replay as fast as processed unless told otherwise)."""
     from agent.sources.camera import CameraSource, CameraSourceConfig
 
     video = digit_video(tmp_path / "digits.avi", frames=frames)
     predictor = Predictor.open(CLASSIFIER, threads=1)
     source = CameraSource(CameraSourceConfig(device=str(video), **({"realtime": False} | (camera or {}))), "video")
     results: list[dict[str, Any]] = []
-    config = PipelineConfig(source="video", model="m", queue_size=2, inference="process", **cfg)
+    config = PipelineConfig(source="video", model="m", queue_size=2, **({"inference": "process"} | cfg))
     return Pipeline("p", config, source, predictor, results.append), results, predictor
 
 
@@ -268,7 +278,7 @@ def test_worker_death_fails_the_pipeline_without_taking_the_agent_down(tmp_path:
     try:
         worker = pipe._offload
         assert worker is not None and worker.pid is not None
-        assert wait_until(lambda: len(results) >= 5, timeout=30)
+        assert wait_until(lambda r=results: len(r) >= 5, timeout=30)
         os.kill(worker.pid, signal.SIGKILL)
         assert wait_until(lambda: pipe.failed is not None, timeout=15)
         assert pipe.failed == "inference process exited with code -9" and pipe.stalled()
@@ -320,3 +330,207 @@ def test_closing_twice_and_from_two_threads_is_harmless() -> None:
     finally:
         predictor.close()
     assert worker.pid is not None and not _running(worker.pid)
+
+
+INF = float("inf")
+
+
+@pytest.mark.parametrize(
+    ("setting", "cpus", "inference_ms", "rate", "expected"),
+    [
+        ("thread", 8, 0.1, INF, False),
+        ("process", 1, 50.0, 1.0, True),  # asked for: whatever the machine and the model
+        ("process", 4, None, None, True),
+        ("auto", 2, 0.13, INF, True),  # a fast model, a file read as fast as processed, a second CPU
+        ("auto", 16, 4.99, INF, True),
+        ("auto", 4, AUTO_PROCESS_BELOW_MS, INF, False),  # from here a thread costs under 1%: no second process
+        ("auto", 4, 40.0, INF, False),
+        ("auto", 1, 0.13, INF, False),  # one CPU: the two processes would take turns on it
+        ("auto", 4, None, INF, False),  # not timed (the model failed to run on zeros)
+        ("auto", 4, 0.13, 30.0, False),  # a 30 fps camera: inference busy 0.4% of the time, GIL waits cost nothing
+        ("auto", 4, 0.13, None, False),  # a live source that does not say its rate (serial, camera without fps)
+        ("auto", 4, 2.0, 100.0, True),  # busy 20% of the time: from here it pays
+        ("auto", 4, 2.0, 99.0, False),
+    ],
+)
+def test_where_the_model_runs(
+    setting: str, cpus: int, inference_ms: float | None, rate: float | None, expected: bool
+) -> None:
+    assert inference_in_process(setting, cpus, inference_ms, rate) is expected
+    assert AUTO_PROCESS_BUSY == 0.2
+
+
+@pytest.mark.parametrize(
+    ("source_rate", "max_fps", "stride", "expected"),
+    [
+        (INF, None, None, INF),  # a file read as fast as processed
+        (INF, 50.0, None, 50.0),  # ... under a cap
+        (30.0, 50.0, None, 30.0),
+        (None, None, None, None),  # unknown
+        (None, 10.0, None, 10.0),  # unknown, but capped
+        (100.0, None, 16, 6.25),  # sensor rows, a window every 16 rows
+        (INF, None, 16, INF),
+    ],
+)
+def test_inferences_a_second_a_pipeline_may_run(
+    source_rate: float | None, max_fps: float | None, stride: int | None, expected: float | None
+) -> None:
+    assert inference_rate(source_rate, max_fps, stride) == expected
+
+
+def test_a_model_is_timed_by_its_fastest_run_within_a_budget(tmp_path: Path) -> None:
+    from tests import onnx_models
+
+    fast = Predictor.open(CLASSIFIER, threads=1)
+    slow = Predictor.open(onnx_models.slow_on_demand(tmp_path / "slow.onnx", base_trips=100_000))
+    try:
+        took = fast.inference_ms()
+        assert took is not None and 0 < took < AUTO_PROCESS_BELOW_MS
+        started = time.monotonic()
+        slow_ms = slow.inference_ms(runs=5, budget_ms=1.0)  # the first run spends the budget: timed once
+        assert slow_ms is not None and slow_ms >= AUTO_PROCESS_BELOW_MS
+        assert time.monotonic() - started < 3 * slow_ms / 1000.0 + 0.5
+    finally:
+        fast.close()
+        slow.close()
+
+
+@contextlib.contextmanager
+def cpus_allowed(cpus: set[int]):
+    """This thread may run on ``cpus`` only (the pipeline decides in the thread that starts it)."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def test_auto_runs_the_sample_classifier_in_a_process_given_two_cpus(tmp_path: Path) -> None:
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs (CI has 2)")
+    pipe, results, predictor = video_pipeline(tmp_path, 40, inference="auto")
+    pipe.start()
+    try:
+        assert pipe._offload is not None and pipe.snapshot()["inference"] == "process"
+        assert wait_until(lambda: pipe.finished, timeout=60)
+    finally:
+        pipe.stop()
+        predictor.close()
+    assert [r["label"] for r in results] == [str(i % 10) for i in range(40)]
+
+
+def test_auto_keeps_the_model_in_a_thread_on_one_cpu(tmp_path: Path) -> None:
+    pipe, results, predictor = video_pipeline(tmp_path, 40, inference="auto")
+    with cpus_allowed({min(os.sched_getaffinity(0))}):
+        pipe.start()
+    try:
+        assert pipe._offload is None and pipe.snapshot()["inference"] == "thread"
+        assert wait_until(lambda: pipe.finished, timeout=60)
+    finally:
+        pipe.stop()
+        predictor.close()
+    assert [r["label"] for r in results] == [str(i % 10) for i in range(40)] and pipe.stats.errors == 0
+
+
+def test_auto_keeps_a_slow_model_in_a_thread_and_decides_again_at_a_hot_swap(tmp_path: Path) -> None:
+    """A model over the line runs in a thread; a hot swap to a fast one moves inference into a process."""
+    from agent.sources.replay import ReplaySource, ReplaySourceConfig
+    from tests import onnx_models
+    from tests.test_daemon import SLOW_BUNDLE
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs (CI has 2)")
+    bundles = {}
+    for name, trips in (("slow", 100_000), ("quick", 0)):
+        root = tmp_path / name
+        root.mkdir()
+        onnx_models.slow_on_demand(root / "slow.onnx", base_trips=trips)
+        (root / "bundle.toml").write_text(SLOW_BUNDLE)
+        bundles[name] = Predictor.open(root)
+    csv = tmp_path / "values.csv"
+    csv.write_text("v\n" + "\n".join("1.0" for _ in range(400)) + "\n")
+    # rows as fast as the replay can pace them: inference would be busy all the time
+    source = ReplaySource(ReplaySourceConfig(path=str(csv), rate=1e6), "values")
+    results: list[dict[str, Any]] = []
+    config = PipelineConfig(source="values", model="m", inference="auto")
+    pipe = Pipeline("p", config, source, bundles["slow"], results.append)
+    pipe.start()
+    try:
+        assert pipe._offload is None and pipe.snapshot()["inference"] == "thread"
+        assert wait_until(lambda: len(results) >= 1, timeout=30)
+        pipe.swap_predictor(bundles["quick"])
+        assert pipe._offload is not None and pipe.snapshot()["inference"] == "process"
+        count = len(results)
+        assert wait_until(lambda: len(results) >= count + 20, timeout=30)
+    finally:
+        pipe.stop()
+        for predictor in bundles.values():
+            predictor.close()
+    assert [r["seq"] for r in results] == list(range(1, len(results) + 1)) and pipe.stats.errors == 0
+    values = [r["outputs"]["y"]["values"] for r in results]  # the trips each model ran: its base + 1
+    switch = values.index([1.0])
+    assert (
+        switch >= 3
+        and set(map(tuple, values[:switch])) == {(100_001.0,)}
+        and set(map(tuple, values[switch:])) == {(1.0,)}
+    )
+
+
+def test_check_says_where_each_pipelines_model_runs(tmp_path: Path) -> None:
+    """`edge-agent check --json` as a real process: auto's choice with two CPUs and with one, and a pinned thread."""
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        '[sources.syn]\ntype = "synthetic"\nrate = 5000\n'
+        f'[pipelines.auto]\nsource = "syn"\nmodel = "{CLASSIFIER}"\n'
+        f'[pipelines.pinned]\nsource = "syn"\nmodel = "{CLASSIFIER}"\ninference = "thread"\n'
+    )
+
+    def check(cpus: set[int]) -> dict[str, dict[str, Any]]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "check", "--config", str(config), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        checks = json.loads(proc.stdout)["checks"]
+        return {c["what"]: c for c in checks if c["what"].startswith("pipeline ")}
+
+    one = check({min(os.sched_getaffinity(0))})
+    assert (
+        one["pipeline auto"]["inference"] == "thread"
+        and "(auto: at most 5000/s, 1 CPU)" in one["pipeline auto"]["detail"]
+    )
+    assert one["pipeline pinned"]["inference"] == "thread" and "auto" not in one["pipeline pinned"]["detail"]
+    if len(os.sched_getaffinity(0)) >= 2:
+        two = check(os.sched_getaffinity(0))
+        detail = two["pipeline auto"]["detail"]
+        assert two["pipeline auto"]["inference"] == "process", detail
+        assert re.search(
+            r"inference in a process \(auto: \d+\.\d\d ms an inference, at most 5000/s, \d+ CPUs\)", detail
+        ), detail
+        assert two["pipeline pinned"]["inference"] == "thread"
+
+
+def test_auto_keeps_a_fast_model_of_a_slow_live_source_in_a_thread(tmp_path: Path) -> None:
+    """A 30 fps camera keeps the classifier busy a fraction of a percent: no second process; at 5,000 frames a
+    second (a high-speed camera) it gets one."""
+    from agent.sources.synthetic import SyntheticSource, SyntheticSourceConfig
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs (CI has 2)")
+    for rate, place in ((30.0, "thread"), (5000.0, "process")):
+        predictor = Predictor.open(CLASSIFIER, threads=1)
+        source = SyntheticSource(SyntheticSourceConfig(rate=rate, width=64, height=48), "syn")
+        results: list[dict[str, Any]] = []
+        pipe = Pipeline("p", PipelineConfig(source="syn", model="m"), source, predictor, results.append)
+        pipe.start()
+        try:
+            assert pipe.snapshot()["inference"] == place, rate
+            assert wait_until(lambda r=results: len(r) >= 5, timeout=30)
+        finally:
+            pipe.stop()
+            predictor.close()
+        assert pipe.stats.errors == 0

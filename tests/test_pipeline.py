@@ -150,7 +150,10 @@ def test_mjpeg_video_through_the_classifier_decoded_small_or_full(tmp_path: Path
         predictor = Predictor.open(SAMPLES / "digits-classifier-tflite", threads=1)
         source = CameraSource(CameraSourceConfig(device=str(video), realtime=False, decode=decode), "video")  # type: ignore[arg-type]
         results: list[dict] = []
-        config = PipelineConfig(source="video", model="m", queue_size=2, preprocess_thread=preprocess_thread)  # type: ignore[arg-type]
+        # in a thread: the stages asserted below (tests/test_offload.py has those with inference in a process)
+        config = PipelineConfig(
+            source="video", model="m", queue_size=2, preprocess_thread=preprocess_thread, inference="thread"
+        )  # type: ignore[arg-type]
         pipe = Pipeline("p", config, source, predictor, results.append)
         pipe.start()
         stages = [t.name for t in pipe._threads]

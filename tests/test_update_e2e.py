@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.daemon_helpers import wait_until
 from tests.update_helpers import (
     Fleet,
     agent_config,
@@ -30,11 +31,12 @@ def fleet(tmp_path: Path, broker: Any) -> Iterator[Fleet]:
     f.close()
 
 
+@pytest.mark.parametrize("inference", ["thread", "process"])
 def test_update_is_downloaded_validated_hot_swapped_and_committed(
-    tmp_path: Path, broker: Any, fleet: Fleet, mqtt_client: Any
+    tmp_path: Path, broker: Any, fleet: Fleet, mqtt_client: Any, inference: str
 ) -> None:
     sub = mqtt_client(broker, "edge/#")
-    config = agent_config(tmp_path, broker, fleet)
+    config = agent_config(tmp_path, broker, fleet, pipeline={"inference": inference})
     results = tmp_path / "results-dev1.jsonl"
     proc = start(config, tmp_path)
     try:
@@ -47,6 +49,7 @@ def test_update_is_downloaded_validated_hot_swapped_and_committed(
         assert proc.poll() is None  # hot swap: same process
         status = [json.loads(m.payload) for m in sub.messages("edge/dev1/status")][-1]
         assert status["models"]["digits"]["version"] == "1.1.0"
+        assert _inference_place(sub, "1.1.0") == inference  # the new model runs where the old one did
         seqs = [json.loads(line)["seq"] for line in results.read_text().splitlines()]
         assert seqs == list(range(1, len(seqs) + 1))  # the pipeline kept numbering: never restarted
         latest = mqtt_client(broker, "edge/dev1/update/state/+")  # retained: what a server that missed it reads
@@ -54,6 +57,17 @@ def test_update_is_downloaded_validated_hot_swapped_and_committed(
     finally:
         stop(proc)
     print((proc.output_dir / "stderr.txt").read_text()[-3000:])
+
+
+def _inference_place(sub: Any, version: str) -> str:
+    """Where the pipeline's model runs, from the first telemetry of the agent serving ``version``."""
+
+    def serving() -> list[dict[str, Any]]:
+        reports = (json.loads(m.payload)["pipelines"]["digits"] for m in sub.messages("edge/dev1/telemetry"))
+        return [p for p in reports if p["model"]["version"] == version]
+
+    assert wait_until(lambda: bool(serving()), timeout=20)
+    return serving()[0]["inference"]
 
 
 def _labels_reversed(meta: dict[str, Any], work: Path) -> None:
@@ -100,16 +114,18 @@ def test_shadow_mode_activates_on_agreement_and_rejects_on_disagreement(
         stop(proc)
 
 
+@pytest.mark.parametrize("inference", ["thread", "process"])
 def test_unhealthy_model_is_rolled_back_automatically(
-    tmp_path: Path, broker: Any, fleet: Fleet, mqtt_client: Any
+    tmp_path: Path, broker: Any, fleet: Fleet, mqtt_client: Any, inference: str
 ) -> None:
     """Passes validation (no latency budget) but runs 40x slower than the model it replaced: the health window
-    rolls it back by itself, hot, to the previous slot."""
+    rolls it back by itself, hot, to the previous slot (with inference in a process too: two hot swaps, each
+    starting the next model's worker)."""
     from tests.test_update_attacks import _onnx_digits
 
     sub = mqtt_client(broker, "edge/#")
     results = tmp_path / "results-dev1.jsonl"
-    proc = start(agent_config(tmp_path, broker, fleet), tmp_path)
+    proc = start(agent_config(tmp_path, broker, fleet, pipeline={"inference": inference}), tmp_path)
     try:
         wait_serving(results, "1.0.0")
 

@@ -121,14 +121,20 @@ class Fleet:
         self.link.stop()
 
 
-def agent_config(tmp: Path, broker: Broker, fleet: Fleet, device: str = "dev1", **update: Any) -> Path:
-    """agent.toml: sample digits at 30 fps into a JSONL file, MQTT to ``broker``, updates from ``fleet``."""
+def agent_config(
+    tmp: Path, broker: Broker, fleet: Fleet, device: str = "dev1", pipeline: dict[str, Any] | None = None, **update: Any
+) -> Path:
+    """agent.toml: sample digits at 30 fps into a JSONL file, MQTT to ``broker``, updates from ``fleet``;
+    ``pipeline``: more settings of the pipeline, ``update``: of [update]."""
     config = {
         "device_id": device,
         "state_dir": str(tmp / f"state-{device}"),
         "profile": "x86_64",
         "sources": {"digits": {"type": "replay", "path": str(SAMPLES / "inputs" / "digit_*.png"), "rate": 30.0}},
-        "pipelines": {"digits": {"source": "digits", "model": "sample:digits-classifier-tflite", "sinks": ["jsonl"]}},
+        "pipelines": {
+            "digits": {"source": "digits", "model": "sample:digits-classifier-tflite", "sinks": ["jsonl"]}
+            | (pipeline or {})
+        },
         "sinks": {"jsonl": {"path": str(tmp / f"results-{device}.jsonl")}, "stdout": {"every": 1000}},
         "mqtt": {"broker": broker.url, "telemetry_interval": 5.0, "reconnect_max": 2.0},
         "update": {

@@ -192,6 +192,7 @@ class MqttService:
                 "inference_ms": {k: p["inference_ms"][k] for k in ("p50", "p95", "p99")},
                 "model": {"name": p["model"], "version": p["version"], "sha256": p["sha256"]},
                 "runtime": p["runtime"],
+                "inference": p["inference"],
                 "source": {
                     k: p["source_health"][k]
                     for k in ("connected", "samples", "reconnects", "stalls", "errors", "last_error")

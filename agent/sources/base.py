@@ -9,6 +9,7 @@ with backoff until ``close``.
 from __future__ import annotations
 
 import abc
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -103,6 +104,12 @@ class Source(abc.ABC):
     def live(self) -> bool:
         """Live sources (cameras, sensors) drop stale samples under overload; others apply backpressure."""
         return True
+
+    @property
+    def nominal_rate(self) -> float | None:
+        """Samples a second this source delivers at most: ``math.inf`` when it is read as fast as it is processed
+        (not live), None when a live source does not say (a camera without a set fps, a serial sensor)."""
+        return None if self.live else math.inf
 
     def close(self) -> None:
         self._closed.set()

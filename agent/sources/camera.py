@@ -12,6 +12,7 @@ pixels its pre-processing would throw away (``decode = "full"`` turns this off).
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -161,6 +162,10 @@ class CameraSource(Source):
     @property
     def live(self) -> bool:
         return not (self._is_file and not self.config.realtime)
+
+    @property
+    def nominal_rate(self) -> float | None:
+        return self.config.fps if self.live else math.inf
 
     def _read_direct(self) -> Sample | None:
         """Video file as fast as the consumer reads: decode in the caller's thread, every frame in order."""

@@ -41,6 +41,10 @@ class ReplaySource(Source):
         self._done = False
         self.kind = "row" if config.path.lower().endswith(".csv") else "image"
 
+    @property
+    def nominal_rate(self) -> float:
+        return self.config.rate
+
     def _load(self) -> None:
         from agent.inputs import read_series
 

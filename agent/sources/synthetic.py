@@ -45,6 +45,10 @@ class SyntheticSource(Source):
     def finished(self) -> bool:
         return self.config.count is not None and self._n >= self.config.count
 
+    @property
+    def nominal_rate(self) -> float:
+        return self.config.rate
+
     def read(self, timeout: float = 1.0) -> Sample | None:
         if self.closed or self.finished:
             return None
