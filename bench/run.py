@@ -1,8 +1,9 @@
 """Benchmarks (`make bench`). Ratios against a baseline measured in the same run, never asserted.
 
 inference: the agent's predict path (pre-process + infer + post-process) vs the bare
-runtime loop (set input, invoke, get output) on the same model, input and threads.
-The two alternate in blocks of 25 calls so machine noise and drift hit both alike.
+runtime loop (set input, invoke, get output) on the same model, input and threads, and, for
+the classifiers, vs the least hand-written code doing the same job (bench/handwritten.py).
+They alternate in blocks of 25 calls so machine noise and drift hit all alike.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 from agent.benchmark import bare_loop, interleaved, peak_rss_mb  # noqa: E402
 from agent.inputs import read_image  # noqa: E402
 from agent.predictor import Predictor  # noqa: E402
+from bench.handwritten import classifier_loop  # noqa: E402
 
 SAMPLES = ROOT / "agent" / "samples"
 CASES = [
@@ -35,12 +37,17 @@ def bench_inference(bundle: str, image: str, threads: int, seconds: float) -> di
     try:
         frame = read_image(SAMPLES / "inputs" / image)
         agent_step = lambda: predictor.predict_image(frame)  # noqa: E731
-        runs = interleaved({"bare": bare_loop(predictor), "agent": agent_step}, seconds)
+        info = predictor.model.info
+        steps = {"bare": bare_loop(predictor), "agent": agent_step}
+        hand = classifier_loop(predictor.bundle, info.runtime, threads, frame)
+        if hand is not None:
+            steps["hand"] = hand
+        runs = interleaved(steps, seconds)
         bare_fps, agent_fps = runs["bare"]["throughput_per_s"], runs["agent"]["throughput_per_s"]
+        hand_fps = runs["hand"]["throughput_per_s"] if hand is not None else None
         bare_p50 = runs["bare"]["latency_ms"]["p50"]
         agent_p50, agent_p99 = runs["agent"]["latency_ms"]["p50"], runs["agent"]["latency_ms"]["p99"]
         own_us = agent_own_time_us(predictor, frame)
-        info = predictor.model.info
         return {
             "bundle": bundle,
             "runtime": f"{info.runtime} {info.runtime_version}",
@@ -57,6 +64,10 @@ def bench_inference(bundle: str, image: str, threads: int, seconds: float) -> di
             "agent_p99_ms": agent_p99,
             "agent_own_us": own_us,
             "agent_own_pct": round(own_us / (1e6 / bare_fps) * 100, 2),
+            # the least code doing the same job on the runtime's API (bench/handwritten.py), classifiers only
+            "hand_per_s": hand_fps,
+            "hand_ratio": round(hand_fps / bare_fps, 4) if hand_fps else None,
+            "ratio_hand": round(agent_fps / hand_fps, 4) if hand_fps else None,
         }
     finally:
         predictor.close()
@@ -184,8 +195,9 @@ def print_inference(console: Any, results: list[dict[str, Any]]) -> None:
     table = Table(
         title="predict path (agent) vs bare runtime loop, same model/input/threads",
         title_justify="left",
-        caption="extra us: the agent's time per prediction beyond the bare loop's; own us: the agent's pre- and "
-        "post-processing timed alone (share of the bare loop's time)",
+        caption="extra us: the agent's time per prediction beyond the bare loop's; hand-written: the least code doing "
+        "the same job on the runtime's own API (bench/handwritten.py; its ratio to the bare loop), and the agent's "
+        "ratio to it; own us: the agent's pre- and post-processing timed alone (share of the bare loop's time)",
         caption_justify="left",
     )
     for col in (
@@ -197,6 +209,8 @@ def print_inference(console: Any, results: list[dict[str, Any]]) -> None:
         "agent/bare",
         "overhead",
         "extra us",
+        "hand-written /s",
+        "agent/hand",
         "bare p50 ms",
         "agent p50 ms",
         "agent p99 ms",
@@ -213,6 +227,8 @@ def print_inference(console: Any, results: list[dict[str, Any]]) -> None:
             f"{r['ratio']:.3f}",
             f"{r['overhead_pct']:.1f}%",
             f"{r['extra_us']:.1f}",
+            f"{r['hand_per_s']:.0f} ({r['hand_ratio']:.3f})" if r["hand_per_s"] else "-",
+            f"{r['ratio_hand']:.3f}" if r["ratio_hand"] else "-",
             f"{r['bare_p50_ms']:.3f}",
             f"{r['agent_p50_ms']:.3f}",
             f"{r['agent_p99_ms']:.3f}",

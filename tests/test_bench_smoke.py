@@ -45,3 +45,34 @@ def test_inference_bench_compares_agent_and_bare_loop() -> None:
     assert result["input"] == "digit_7.png 32x32"
     per_prediction_us = 1e6 / result["agent_per_s"] - 1e6 / result["bare_per_s"]
     assert result["extra_us"] == pytest.approx(per_prediction_us, abs=0.01)
+    assert result["hand_per_s"] > 0
+    assert result["ratio_hand"] == pytest.approx(result["agent_per_s"] / result["hand_per_s"], abs=2e-4)
+
+
+@pytest.mark.parametrize("bundle", ["digits-classifier-tflite", "digits-classifier-onnx"])
+def test_the_hand_written_reference_does_the_agents_job(bundle: str) -> None:
+    """The inference bench's hand-written loop is a fair reference: the agent's labels and scores, every digit."""
+    from agent.inputs import read_image
+    from agent.predictor import Predictor
+    from bench.handwritten import classifier_loop
+    from bench.run import SAMPLES
+
+    predictor = Predictor.open(SAMPLES / bundle, threads=1)
+    try:
+        for digit in range(10):
+            frame = read_image(SAMPLES / "inputs" / f"digit_{digit}.png")
+            hand = classifier_loop(predictor.bundle, predictor.model.info.runtime, 1, frame)
+            assert hand is not None
+            agent = predictor.predict_image(frame).result["top"]
+            mine = hand()
+            assert [label for label, _ in mine] == [c["label"] for c in agent]
+            assert [score for _, score in mine] == pytest.approx([c["score"] for c in agent], abs=1e-5)
+            assert mine[0][0] == str(digit)
+    finally:
+        predictor.close()
+    detector = Predictor.open(SAMPLES / "digits-detector", threads=1)
+    try:
+        frame = read_image(SAMPLES / "inputs" / "scene_0.png")
+        assert classifier_loop(detector.bundle, detector.model.info.runtime, 1, frame) is None  # classifiers only
+    finally:
+        detector.close()
