@@ -50,7 +50,7 @@ class PipelineConfig(_Strict):
     preprocess_thread: Literal["auto", "own", "capture"] = "auto"
     # where the model runs: a thread of the agent, or a process of its own (a GIL of its own: for fast models, whose
     # inference thread would otherwise wait for the GIL behind capture and publishing; the model is loaded twice);
-    # auto: a process for a model faster than AUTO_PROCESS_BELOW_MS when the agent may use 2 CPUs or more
+    # auto: a process for a fast model that its source keeps busy, given 2 CPUs (pipeline.inference_in_process)
     inference: Literal["auto", "thread", "process"] = "auto"
     sinks: list[str] = Field(default_factory=lambda: ["stdout"])
     stall_timeout: float = Field(default=30.0, gt=0)  # an inference running longer than this is a stall

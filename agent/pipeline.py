@@ -163,7 +163,7 @@ def choose_inference(setting: str, predictor: Predictor, rate: float | None) -> 
     """Where ``predictor``'s model runs under ``setting`` here, at most ``rate`` inferences a second: (in a process,
     usable CPUs, one inference in ms: timed when auto may choose a process, else None)."""
     cpus = usable_cpus()
-    timed = setting == "auto" and cpus >= 2 and rate is not None and rate > 0
+    timed = setting == "auto" and cpus >= 2 and rate is not None
     took_ms = predictor.inference_ms() if timed else None
     return inference_in_process(setting, cpus, took_ms, rate), cpus, took_ms
 
@@ -249,6 +249,9 @@ class Pipeline:
         self._infer_q = LatestQueue(depth)
         # inference -> post-processing and publishing: lossless; bounded so a slow post stage holds inference back
         self._post_q: Handoff[tuple[Sample, Prepared, Predictor, list[Any] | str, float]] = Handoff(64)
+        # results handed to the post stage and published by it: each count written by one thread (the dispatching
+        # one, the post stage), so a hot swap to a worker can wait for the post stage without a lock per frame
+        self._post_sent = self._post_done = 0
         self.preprocess_thread = own_preprocess_thread(config.preprocess_thread, usable_cpus())
         self._stop = threading.Event()
         self._crashed = threading.Event()
@@ -509,11 +512,19 @@ class Pipeline:
                 return True
         if offload is not self._used:  # a new model: what the old worker has finishes before it stops
             self._close_used()
+            if offload is not None:
+                self._await_post_stage()
             self._used = offload
         if offload is None:
             self._infer_one(sample, prepared, predictor)
             return True
         return self._submit(offload, sample, prepared, predictor)
+
+    def _await_post_stage(self) -> None:
+        """Before frames go to a worker (a hot swap from a model run in a thread): the results of the frames run here
+        reach the sinks first, as the worker's collector publishes directly and would overtake the post stage."""
+        while self._post_done < self._post_sent and not self._crashed.is_set() and not self._post_q.closed:
+            time.sleep(0.001)
 
     def _close_used(self) -> None:
         """Let the worker frames went to last finish them (their results reach the sinks), then stop it."""
@@ -560,6 +571,7 @@ class Pipeline:
         while not self._post_q.put(item, timeout=0.5):  # results are never dropped: wait for the post stage
             if self._post_q.closed or self._crashed.is_set():
                 return
+        self._post_sent += 1
 
     def _post_loop(self) -> None:
         lock = self._publish_lock  # an inference process's collector may publish too (a hot swap's old worker)
@@ -567,6 +579,7 @@ class Pipeline:
             for sample, prepared, predictor, raw, infer_ms in batch:
                 with lock:
                     self._publish(sample, prepared, predictor, raw, infer_ms)
+            self._post_done += len(batch)
 
     def _publish(
         self, sample: Sample, prepared: Prepared, predictor: Predictor, raw: list[Any] | str, infer_ms: float

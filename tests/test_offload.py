@@ -471,7 +471,7 @@ def test_auto_keeps_a_slow_model_in_a_thread_and_decides_again_at_a_hot_swap(tmp
     values = [r["outputs"]["y"]["values"] for r in results]  # the trips each model ran: its base + 1
     switch = values.index([1.0])
     assert (
-        switch >= 3
+        switch >= 1
         and set(map(tuple, values[:switch])) == {(100_001.0,)}
         and set(map(tuple, values[switch:])) == {(1.0,)}
     )
