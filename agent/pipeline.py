@@ -163,8 +163,10 @@ def choose_inference(setting: str, predictor: Predictor, rate: float | None) -> 
     """Where ``predictor``'s model runs under ``setting`` here, at most ``rate`` inferences a second: (in a process,
     usable CPUs, one inference in ms: timed when auto may choose a process, else None)."""
     cpus = usable_cpus()
-    timed = setting == "auto" and cpus >= 2 and rate is not None
-    took_ms = predictor.inference_ms() if timed else None
+    # a process takes rate * ms >= AUTO_PROCESS_BUSY with ms < AUTO_PROCESS_BELOW_MS: a source slower than their
+    # ratio (40 a second) never gets one, and its model is not timed (a slow model's one run is not spent at start)
+    reachable = rate is not None and rate * AUTO_PROCESS_BELOW_MS / 1000.0 > AUTO_PROCESS_BUSY
+    took_ms = predictor.inference_ms() if setting == "auto" and cpus >= 2 and reachable else None
     return inference_in_process(setting, cpus, took_ms, rate), cpus, took_ms
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -534,3 +535,21 @@ def test_auto_keeps_a_fast_model_of_a_slow_live_source_in_a_thread(tmp_path: Pat
             pipe.stop()
             predictor.close()
         assert pipe.stats.errors == 0
+
+
+def test_a_model_is_not_timed_where_no_time_could_choose_a_process(tmp_path: Path) -> None:
+    """Under 40 inferences a second no model fast enough for a process keeps it busy a fifth of the time: auto
+    decides without running the model (a slow model's timing run is not spent at start)."""
+    from agent.pipeline import choose_inference
+
+    predictor = Predictor.open(CLASSIFIER, threads=1)
+    try:
+        for rate in (None, 10.0, 40.0):
+            assert choose_inference("auto", predictor, rate)[::2] == (False, None), rate
+        in_process, cpus, took_ms = choose_inference("auto", predictor, 41.0)
+        assert took_ms is not None and took_ms > 0
+        assert in_process is (cpus >= 2 and 41.0 * took_ms / 1000.0 >= AUTO_PROCESS_BUSY)
+        assert choose_inference("thread", predictor, math.inf)[::2] == (False, None)
+        assert choose_inference("process", predictor, None)[::2] == (True, None)
+    finally:
+        predictor.close()
