@@ -63,16 +63,17 @@ def run_checks(config: AgentConfig) -> dict[str, Any]:
                 detail += ", golden vectors " + ("pass" if not golden else "FAIL: " + "; ".join(golden))
             rate = pipeline_rate(pipe, predictor, rates.get(pipe.source))
             in_process, cpus, took_ms = choose_inference(pipe.inference, predictor, rate)
-            place = "process" if in_process else "thread"
+            where = "process" if in_process else "thread"
+            why = ""
             if pipe.inference == "auto":
                 timed = f"{took_ms:.2f} ms an inference, " if took_ms is not None else ""
                 pace = "unknown" if rate is None else "as fast as processed" if rate == math.inf else f"{rate:g}/s"
-                place += f" (auto: {timed}at most {pace}, {cpus} CPU{'s' if cpus > 1 else ''})"
+                why = f" (auto: {timed}at most {pace}, {cpus} CPU{'s' if cpus > 1 else ''})"
             add(
                 f"pipeline {name}",
                 not golden,
-                f"{detail}, inference in a {place} (source {pipe.source}: {kind})",
-                inference="process" if in_process else "thread",
+                f"{detail}, inference in a {where}{why} (source {pipe.source}: {kind})",
+                inference=where,
             )
         finally:
             predictor.close()
