@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,43 @@ class BatchSummary:
     done: int = 0
     skipped: int = 0
     errors: int = 0
+    failed: list[str] = field(default_factory=list)  # inputs that failed in this run, in order
 
-    def to_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__) | {"failed": list(self.failed)}
+
+
+def model_identity(record: dict[str, Any]) -> tuple[str, str] | None:
+    """What identifies the model that wrote a record: its sha256, else (older files) its name and version."""
+    if isinstance(record.get("model_sha256"), str):
+        return ("sha256", record["model_sha256"])
+    if isinstance(record.get("model"), str):
+        return ("name", f"{record['model']} {record.get('version', '')}".strip())
+    return None
+
+
+def foreign_model(output: Path, predictor: Predictor) -> str | None:
+    """Describe the other model whose results ``output`` holds, or None when every record is this model's."""
+    if not output.exists():
+        return None
+    bundle = predictor.bundle
+    mine = {("sha256", bundle.sha256), ("name", f"{bundle.name} {bundle.version}")}
+    with output.open("rb") as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(record, dict):
+                continue
+            ident = model_identity(record)
+            if ident is None or ident in mine:
+                continue
+            name = f"{record.get('model', '')} {record.get('version', '')}".strip()
+            sha = record.get("model_sha256")
+            sha_text = f"sha256 {sha[:12]}" if isinstance(sha, str) else ""
+            return f"{name} ({sha_text})" if name and sha_text else name or sha_text
+    return None
 
 
 def completed_keys(output: Path) -> set[str]:
@@ -83,15 +117,33 @@ def video_frame_count(path: Path) -> int:
         cap.release()
 
 
-def run_batch(predictor: Predictor, source: Path, output: Path, progress: Any = None) -> BatchSummary:
+def run_batch(
+    predictor: Predictor,
+    source: Path,
+    output: Path,
+    progress: Any = None,
+    on_error: Callable[[str, str], None] | None = None,
+) -> BatchSummary:
     """Predict every input under ``source`` into ``output``; inputs already there are skipped.
 
-    ``progress`` is an optional callable ``(advance: int, total: int | None)`` for a progress bar.
+    ``progress`` is an optional callable ``(advance: int, total: int | None)`` for a progress bar; ``on_error`` is
+    called with ``(input, message)`` for each input that fails. Every record names the model's sha256, and an
+    ``output`` holding another model's results is refused rather than resumed.
     """
     if not source.exists():
         raise InputError(f"input {source} does not exist", "give a directory of inputs or a video file")
+    other = foreign_model(output, predictor)
+    if other is not None:
+        bundle = predictor.bundle
+        raise AgentError(
+            f"{output} holds results of another model, {other}, not {bundle.name} {bundle.version}"
+            f" (sha256 {bundle.sha256[:12]}): resuming would mix them",
+            "give another --output, or delete that file to start over",
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     done_keys = completed_keys(output)
+    stamp = {"model_sha256": predictor.bundle.sha256}
+    named = {"model": predictor.bundle.name, "version": predictor.bundle.version}
     summary = BatchSummary()
     is_video = source.is_file() and source.suffix.lower() in VIDEO_SUFFIXES
     try:
@@ -102,12 +154,18 @@ def run_batch(predictor: Predictor, source: Path, output: Path, progress: Any = 
 
         def emit(record: dict[str, Any]) -> None:
             try:
-                fh.write(dumps(record) + "\n")
+                fh.write(dumps(record | stamp) + "\n")
                 fh.flush()
             except OSError as exc:
                 raise AgentError(
                     f"cannot write {output}: {exc.strerror}", "free disk space, then run again to resume"
                 ) from None
+
+        def failed(key: str, message: str) -> None:
+            summary.errors += 1
+            summary.failed.append(key)
+            if on_error is not None:
+                on_error(key, message)
 
         if is_video:
             summary.total = video_frame_count(source)
@@ -122,8 +180,8 @@ def run_batch(predictor: Predictor, source: Path, output: Path, progress: Any = 
                         emit({"input": key} | predictor.predict_image(frame).to_dict())
                         summary.done += 1
                     except InputError as exc:
-                        emit({"input": key, "error": str(exc)})
-                        summary.errors += 1
+                        emit({"input": key, "error": str(exc)} | named)
+                        failed(key, str(exc))
                 if progress:
                     progress(1, None)
         else:
@@ -141,8 +199,8 @@ def run_batch(predictor: Predictor, source: Path, output: Path, progress: Any = 
                                 emit({"input": key} | pred.to_dict())
                         summary.done += 1
                     except InputError as exc:
-                        emit({"input": str(path), "error": str(exc)})
-                        summary.errors += 1
+                        emit({"input": str(path), "error": str(exc)} | named)
+                        failed(str(path), str(exc))
                 if progress:
                     progress(1, None)
         fh.flush()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import secrets
 from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig
 from agent.errors import AgentError
+from agent.extras import commands_unavailable, missing_extras, pip_install
 from agent.pipeline import choose_inference, pipeline_rate
 from agent.predictor import Predictor
 from agent.runtime import runtime_report
@@ -31,14 +33,22 @@ def run_checks(config: AgentConfig) -> dict[str, Any]:
         )
         add(f"runtime {r.name}", True, ("usable " if r.available else "not usable: ") + detail, available=r.available)
     if not usable:
-        add("runtimes", False, "no runtime usable (fix: pip install 'edge-agent[litert,onnx]')")
-    if config.mqtt is not None:
+        add("runtimes", False, f"no runtime usable (fix: {pip_install('litert,onnx')})")
+    # The modules `run` imports for each configured feature, imported here too: a check that passes means run starts.
+    missing = {m.extra: m for m in missing_extras(config)}
+    for m in missing.values():
+        add(m.check, False, str(m))
+    if config.mqtt is not None and "mqtt" not in missing:
         ok, detail = probe_broker(config)
         add("mqtt broker", ok, detail)
-    if config.update.enabled:
+        if (off := commands_unavailable()) is not None:
+            add("device commands", True, f"off: {off}")
+    if config.update.enabled and "update" not in missing:
         add_update(config, add)
     rates: dict[str, float | None] = {}  # samples a second each source delivers at most
     for name, src_cfg in config.sources.items():
+        if src_cfg.type == "serial" and "serial" in missing:
+            continue
         source = create_source(src_cfg, name)
         try:
             problem = source.probe()
@@ -61,14 +71,21 @@ def run_checks(config: AgentConfig) -> dict[str, Any]:
             detail = f"{predictor.bundle.name} {predictor.bundle.version} on {info.runtime} {info.runtime_version}"
             if predictor.bundle.metadata.golden is not None:
                 detail += ", golden vectors " + ("pass" if not golden else "FAIL: " + "; ".join(golden))
+            detail += provider_note(getattr(pipe, "providers", None), info.format)
             rate = pipeline_rate(pipe, predictor, rates.get(pipe.source))
             in_process, cpus, took_ms = choose_inference(pipe.inference, predictor, rate)
             where = "process" if in_process else "thread"
             why = ""
             if pipe.inference == "auto":
                 timed = f"{took_ms:.2f} ms an inference, " if took_ms is not None else ""
-                pace = "unknown" if rate is None else "as fast as processed" if rate == math.inf else f"{rate:g}/s"
-                why = f" (auto: {timed}at most {pace}, {cpus} CPU{'s' if cpus > 1 else ''})"
+                pace = (
+                    "source rate unknown"
+                    if rate is None
+                    else "at most as fast as processed"
+                    if rate == math.inf
+                    else f"at most {rate:g}/s"
+                )
+                why = f" (auto: {timed}{pace}, {cpus} CPU{'s' if cpus > 1 else ''})"
             add(
                 f"pipeline {name}",
                 not golden,
@@ -140,15 +157,34 @@ def add_board(config: AgentConfig, add: Any) -> None:
         add("board", False, str(exc))
 
 
+def provider_note(wanted: list[str] | None, model_format: str) -> str:
+    """``; warning: ...`` naming configured ONNX execution providers missing here and what runs instead, or ''."""
+    if not wanted or model_format != "onnx":
+        return ""
+    from agent.runtime.onnxruntime import available_providers, choose_providers, missing_providers, provider_warning
+
+    chosen = choose_providers(wanted, available_providers())
+    missing = missing_providers(wanted, chosen)
+    return f"; warning: {provider_warning(missing, chosen)}" if missing else ""
+
+
+def check_client_id(device_id: str) -> str:
+    """The MQTT client id of `edge-agent check`'s probe: never the agent's own."""
+    return f"{device_id}-check-{secrets.token_hex(3)}"
+
+
 def probe_broker(config: AgentConfig, timeout: float = 5.0) -> tuple[bool, str]:
     """Connect once with the configured credentials and TLS: the same CONNACK the daemon would get."""
     from agent.mqtt.client import MqttLink
     from agent.protocol import Topics
 
     assert config.mqtt is not None
+    # Its own client id: a broker drops the older of two connections with one id, and that would be the running
+    # agent's (its will would even announce it offline).
+    probe_config = config.mqtt.model_copy(update={"client_id": check_client_id(config.device_id)})
     try:
         topics = Topics.for_device(config.device_id, config.mqtt.topic_prefix)
-        link = MqttLink(config.mqtt, config.device_id, topics, None, lambda: b"", lambda reason: b"")
+        link = MqttLink(probe_config, config.device_id, topics, None, lambda: b"", lambda reason: b"")
     except AgentError as exc:
         return False, str(exc)
     return link.probe(timeout)

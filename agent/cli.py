@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,8 +13,22 @@ from typing import Any
 from agent import __version__
 from agent import logging as agent_logging
 from agent.errors import AgentError
+from agent.hints import error_line, one_fix_hint
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _threads(text: str) -> int | None:
+    """``--threads``: a positive count, or ``default`` for the runtime's own choice."""
+    if text.strip().lower() in ("default", "auto"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise AgentError(f"--threads {text}: not a thread count", "give --threads 1 or more, or --threads default")
+    return value
 
 
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
@@ -21,7 +37,7 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
         choices=["litert", "tflite-runtime", "onnxruntime"],
         help="runtime backend (default: best for the format)",
     )
-    p.add_argument("--threads", type=int, default=None, help="inference threads (default: runtime's choice)")
+    p.add_argument("--threads", default=None, help="inference threads, 1 or more, or 'default' (runtime's choice)")
     p.add_argument(
         "--provider",
         action="append",
@@ -92,10 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenCV's own log lines ("[ WARN:0@0.1] global cap_v4l.cpp ...") would reach the terminal raw; our errors say
+    # what failed. Set before cv2 is imported; OPENCV_LOG_LEVEL=WARNING in the environment brings them back.
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg's own lines ("moov atom not found")
     parser = build_parser()
     args = parser.parse_args(argv)
-    log_json = {"json": True, "text": False}.get(getattr(args, "log_format", "auto"))
-    agent_logging.configure(args.log_level, json=log_json)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.command in ("run",):
+        log_json = {"json": True, "text": False}.get(getattr(args, "log_format", "auto"))
+        agent_logging.configure(args.log_level, json=log_json)
+    else:  # one-shot commands: warnings as plain ``edge-agent: warning: ...`` lines
+        agent_logging.configure_cli(args.log_level)
     handler = {
         "infer": cmd_infer,
         "describe": cmd_describe,
@@ -106,9 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         "check": cmd_check,
     }
     try:
+        if getattr(args, "threads", None) is not None:
+            args.threads = _threads(args.threads)
         return handler[args.command](args)
     except AgentError as exc:
-        print(f"edge-agent: error: {exc}", file=sys.stderr)
+        print(f"edge-agent: error: {error_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("edge-agent: interrupted", file=sys.stderr)
@@ -145,8 +171,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
             except AgentError as exc:
                 failures += 1
                 if args.json:
-                    print(json.dumps({"input": str(path), "error": str(exc)}), flush=True)
-                print(f"edge-agent: error: {exc}", file=sys.stderr)
+                    print(json.dumps({"input": str(path), "error": error_line(exc)}), flush=True)
+                print(f"edge-agent: error: {error_line(exc)}", file=sys.stderr)
     finally:
         predictor.close()
     return EXIT_USAGE if failures else EXIT_OK
@@ -205,7 +231,6 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 def _print_describe(report: dict[str, Any]) -> None:
     from rich.markup import escape
-    from rich.table import Table
 
     console = _console()
     b, m = report["bundle"], report["model"]
@@ -215,10 +240,17 @@ def _print_describe(report: dict[str, Any]) -> None:
         f"model {escape(m['path'])} ({m['format']}) on {m['runtime']} {m['runtime_version']}"
         + (f" providers={m['providers']}" if m["providers"] else "")
     )
+    from agent.tables import Col, Listing
+
+    columns = [
+        Col("name", min_width=12),
+        Col("shape", whole=True),
+        Col("dtype", whole=True),
+        Col("scale", min_width=10),
+        Col("zero point", min_width=8, drop=1),
+    ]
     for title, tensors in (("inputs", m["inputs"]), ("outputs", m["outputs"])):
-        table = Table(title=title, title_justify="left")
-        for col in ("name", "shape", "dtype", "scale", "zero point"):
-            table.add_column(col)
+        rows = []
         for t in tensors:
             q = t["quantization"]
             scale = (
@@ -229,8 +261,8 @@ def _print_describe(report: dict[str, Any]) -> None:
             zp = "-" if q is None else ("per-channel" if q["per_channel"] else str(q["zero_point"]))
             if q and q.get("in_graph"):
                 scale += " (in graph)"
-            table.add_row(escape(t["name"]), escape(str(t["shape"])), t["dtype"], scale, zp)
-        console.print(table)
+            rows.append([t["name"], str(t["shape"]), t["dtype"], scale, zp])
+        console.print(Listing(title, columns, rows))
     if b["labels"]:
         console.print(f"labels: {escape(', '.join(b['labels'][:20]))}" + (" ..." if len(b["labels"]) > 20 else ""))
     if b["accuracy"]:
@@ -265,51 +297,95 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
+        from rich.text import Text
+
+        from agent.tables import Col, print_table
+
         lat = report["latency_ms"]
-        print(
-            f"{report['model']} {report['version']} on {report['runtime']} {report['runtime_version']}"
-            f" (threads={report['threads'] or 'default'})\n"
-            f"  {report['iterations']} predictions in {report['seconds']} s: {report['throughput_per_s']} /s\n"
-            f"  latency ms: p50 {lat['p50']:.3f}  p95 {lat['p95']:.3f}  p99 {lat['p99']:.3f}  max {lat['max']:.3f}\n"
-            f"  peak RSS {report['peak_rss_mb']} MB"
+        console = _console()
+        console.print(
+            Text(
+                f"{report['model']} {report['version']} on {report['runtime']} {report['runtime_version']}"
+                f" (threads={report['threads'] or 'default'})"
+            ),
+            overflow="fold",
         )
+        console.print(
+            Text(
+                f"{report['iterations']} predictions in {report['seconds']} s: {report['throughput_per_s']} /s,"
+                f" peak RSS {report['peak_rss_mb']} MB"
+            ),
+            overflow="fold",
+        )
+        keys = ("p50", "p95", "p99", "max")
+        columns = [Col("", whole=True), *(Col(k, whole=True, justify="right") for k in keys)]
+        print_table(console, None, columns, [["latency ms", *(f"{lat[k]:.3f}" for k in keys)]])
     return EXIT_OK
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    import contextlib
 
-    from agent.batch import run_batch
+    from agent.batch import list_inputs, run_batch
 
     predictor = _open(args, args.model)
+    resume = "edge-agent " + shlex.join(getattr(args, "argv", None) or sys.argv[1:])
+
+    def failed(key: str, message: str) -> None:
+        print(f"edge-agent: error: {key}: {one_fix_hint(message)}", file=sys.stderr, flush=True)
+
     try:
-        with Progress(
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=_console(stderr=True),
-            transient=not sys.stderr.isatty(),
-        ) as bar:
-            task = bar.add_task(f"batch {args.input.name}", total=None)
+        if args.input.is_dir() and not list_inputs(args.input):
+            from agent.inputs import INPUT_SUFFIXES
+
+            print(
+                f"edge-agent: warning: no inputs in {args.input} (looked for {', '.join(sorted(INPUT_SUFFIXES))})",
+                file=sys.stderr,
+            )
+            return EXIT_FAIL
+        bar_cm: Any = contextlib.nullcontext(None)
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            bar_cm = Progress(
+                TextColumn("[progress.description]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=_console(stderr=True),
+            )
+        with bar_cm as bar:
+            task = bar.add_task(f"batch {args.input.name}", total=None) if bar else None
 
             def progress(advance: int, total: int | None) -> None:
+                if bar is None:
+                    return
                 if total is not None:
                     bar.update(task, total=total or None)
                 if advance:
                     bar.advance(task, advance)
 
-            summary = run_batch(predictor, args.input, args.output, progress)
+            try:
+                summary = run_batch(predictor, args.input, args.output, progress, on_error=failed)
+            except KeyboardInterrupt:
+                print(
+                    f"edge-agent: interrupted: results so far are in {args.output}; to resume, run the same command:"
+                    f" {resume}",
+                    file=sys.stderr,
+                )
+                return 130
     finally:
         predictor.close()
     if args.json:
         print(json.dumps(summary.to_dict() | {"output": str(args.output)}))
     else:
         print(
-            f"{summary.done} predicted, {summary.skipped} already in {args.output}, {summary.errors} error(s)"
+            f"{summary.done} predicted, {summary.skipped} already in {args.output}, {summary.errors} failed"
             f" of {summary.total} input(s)"
         )
-    return EXIT_FAIL if summary.errors else EXIT_OK
+    if summary.total == 0:
+        print(f"edge-agent: warning: {args.input} gave no inputs to predict", file=sys.stderr)
+    return EXIT_FAIL if summary.errors or summary.total == 0 else EXIT_OK
 
 
 def _load_config(args: argparse.Namespace) -> Any:
@@ -388,8 +464,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         from rich.markup import escape
 
         for item in report["checks"]:
-            mark = "[green]ok[/green]  " if item["ok"] else "[red]FAIL[/red]"
-            console.print(f"{mark} {escape(item['what'])}: {escape(item['detail'])}")
+            if not item["ok"]:
+                mark = "[red]FAIL[/red]"
+            elif item.get("available") is False:  # a runtime this device does without: not a failure, not "ok"
+                mark = "[dim]--[/dim]  "
+            else:
+                mark = "[green]ok[/green]  "
+            console.print(f"{mark} {escape(item['what'])}: {escape(one_fix_hint(str(item['detail'])))}")
         console.print("all checks passed" if report["ok"] else "[red]problems found[/red]")
     return EXIT_OK if report["ok"] else EXIT_FAIL
 
@@ -401,21 +482,28 @@ def cmd_runtimes(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in report], indent=2))
         return EXIT_OK
-    from rich.markup import escape
-    from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title="runtimes", title_justify="left")
-    for col in ("runtime", "formats", "status", "version / reason", "execution providers"):
-        table.add_column(col)
-    for r in report:
-        table.add_row(
+    from agent.tables import Col, print_table
+
+    rows = [
+        [
             r.name,
             ", ".join(r.formats),
-            "[green]usable[/green]" if r.available else "[red]unusable[/red]",
-            escape(r.version if r.available else (r.reason or "")),
-            ", ".join(r.providers or []),
-        )
-    _console().print(table)
+            Text("usable", style="green") if r.available else Text("unusable", style="red"),
+            (r.version if r.available else (r.reason or "")) or "",
+            " ".join(p.removesuffix("ExecutionProvider") for p in r.providers or []),
+        ]
+        for r in report
+    ]
+    columns = [
+        Col("runtime", whole=True),
+        Col("formats", whole=True),
+        Col("status", whole=True),
+        Col("version / reason", min_width=20),
+        Col("execution providers", min_width=12, drop=1),
+    ]
+    print_table(_console(), "runtimes", columns, rows)
     return EXIT_OK
 
 

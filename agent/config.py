@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agent.errors import AgentError
 from agent.mqtt.result_policy import PublishPolicy
+from agent.protocol import AWS_MAX_TOPIC_SLASHES, AZURE_PREFIX_TEMPLATE, topic_prefix_problem
 from agent.sources import source_config_types
 
 try:
@@ -32,6 +34,16 @@ class _Strict(BaseModel):
 
 
 SourceConfig = Annotated[Union[source_config_types()], Field(discriminator="type")]  # type: ignore[valid-type]  # noqa: UP007
+
+
+class PipelineHealthConfig(_Strict):
+    """``[pipelines.NAME.health]``: this pipeline's health-window settings; unset keys come from ``[update]``."""
+
+    window_s: float | None = Field(default=None, gt=0, le=86_400)
+    min_results: int | None = Field(default=None, ge=0, le=1_000_000)
+    max_error_rate: float | None = Field(default=None, ge=0, le=1)
+    latency_factor: float | None = Field(default=None, gt=0, le=100)
+    latency_floor_ms: float | None = Field(default=None, ge=0, le=600_000)
 
 
 class PipelineConfig(_Strict):
@@ -56,6 +68,7 @@ class PipelineConfig(_Strict):
     stall_timeout: float = Field(default=30.0, gt=0)  # an inference running longer than this is a stall
     window_stride: int | None = Field(default=None, gt=0)  # time series: override the bundle's stride
     publish: PublishPolicy | None = None  # MQTT result policy for this pipeline; default: [mqtt.results]
+    health: PipelineHealthConfig = Field(default_factory=PipelineHealthConfig)  # update health window overrides
 
 
 class StdoutSinkConfig(_Strict):
@@ -113,7 +126,10 @@ class MqttConfig(_Strict):
     password_file: str | None = None
     tls: TlsConfig | None = None
     keepalive: int = Field(default=30, ge=5, le=65535)
-    topic_prefix: str = "edge/{device_id}/"
+    # what the platform can carry (docs/protocol.md): "aws" checks topic depth and $aws/; "azure" turns off
+    # subscriptions (predict, commands, updates), retained messages and Home Assistant discovery
+    platform: Literal["generic", "aws", "azure"] = "generic"
+    topic_prefix: str = "edge/{device_id}/"  # under platform = "azure": devices/{device_id}/messages/events/
     qos: Literal[1] = 1  # results and events are QoS 1 (AWS IoT Core has no QoS 2)
     telemetry_interval: float = Field(default=30.0, gt=0)
     max_payload_bytes: int = Field(default=128 * 1024, gt=0)  # AWS IoT Core's limit
@@ -132,6 +148,38 @@ class MqttConfig(_Strict):
         parse_broker_url(value)
         return value
 
+    @model_validator(mode="after")
+    def _platform(self) -> MqttConfig:
+        if self.platform == "azure" and "topic_prefix" not in self.model_fields_set:
+            self.topic_prefix = AZURE_PREFIX_TEMPLATE
+        if self.platform != "azure" and self.topic_prefix and not self.topic_prefix.endswith("/"):
+            self.topic_prefix += "/"  # as earlier versions did: 'edge/{device_id}' means the levels below it
+        # messages "KEY: problem (fix: ...)" are turned into one line naming mqtt.KEY by format_validation_error
+        problem = topic_prefix_problem(self.topic_prefix, self.platform)
+        if problem:
+            where = f" (platform = {self.platform!r})" if self.platform != "generic" else ""
+            raise ValueError(f"topic_prefix: {problem[0]}{where} (fix: {problem[1]})")
+        if self.platform == "aws" and self.home_assistant.enabled:
+            deepest = f"{self.home_assistant.discovery_prefix}/binary_sensor/node/object/config"
+            if deepest.count("/") > AWS_MAX_TOPIC_SLASHES or self.home_assistant.discovery_prefix.startswith("$"):
+                raise ValueError(
+                    f"home_assistant.discovery_prefix: {self.home_assistant.discovery_prefix!r} does not fit AWS IoT "
+                    f"Core (discovery topics may have {AWS_MAX_TOPIC_SLASHES} '/', no '$') "
+                    f"(fix: at most {AWS_MAX_TOPIC_SLASHES - 4} '/' and no '$' in it, e.g. 'homeassistant')"
+                )
+        if self.platform == "azure":
+            if self.home_assistant.enabled:
+                raise ValueError(
+                    "home_assistant.enabled: Azure IoT Hub carries no Home Assistant discovery (no retained "
+                    "messages, no topics outside devices/<id>/messages/events/) (fix: set enabled = false)"
+                )
+            if self.predict.enabled and "enabled" in self.predict.model_fields_set:
+                raise ValueError(
+                    "predict.enabled: Azure IoT Hub allows no subscription to the predict topic "
+                    "(fix: set enabled = false; predictions on request need a generic broker or AWS IoT Core)"
+                )
+        return self
+
 
 class UpdateConfig(_Strict):
     """``[update]``: signed model updates from the fleet (needs ``[mqtt]``)."""
@@ -146,9 +194,13 @@ class UpdateConfig(_Strict):
     max_retries: int = Field(default=8, ge=1)
     free_space_margin_mb: float = Field(default=64.0, ge=0)
     latency_runs: int = Field(default=20, ge=1)
-    health_window_s: float = Field(default=60.0, gt=0)
-    health_min_results: int = Field(default=20, ge=0)
+    # the post-activation health window (docs/updates.md); a pipeline's [pipelines.NAME.health] and the deployment
+    # override these
+    health_window_s: float = Field(default=60.0, gt=0, le=86_400)
+    health_min_results: int = Field(default=20, ge=0, le=1_000_000)
     health_max_error_rate: float = Field(default=0.05, ge=0, le=1)
+    health_latency_factor: float = Field(default=2.0, gt=0, le=100)  # rolled back when p95 > factor x previous ...
+    health_latency_floor_ms: float = Field(default=5.0, ge=0, le=600_000)  # ... and more than this above it
     max_clock_skew_s: float = Field(default=300.0, ge=0)
     retry_after_s: float = Field(default=30.0, gt=0)  # a failed download/refresh is retried after this
     max_attempts: int = Field(default=3, ge=1)  # per state, across restarts (crash-loop guard)
@@ -223,6 +275,18 @@ class AgentConfig(_Strict):
                     raise ValueError(f"pipelines.{name}.sinks uses 'jsonl' but [sinks.jsonl] has no path")
         if self.update.enabled and self.mqtt is None:
             raise ValueError("[update] is enabled but there is no [mqtt] table: updates come over MQTT")
+        if self.update.enabled and self.mqtt is not None and self.mqtt.platform == "azure":
+            raise ValueError(
+                "update.enabled: [mqtt] platform = 'azure' and IoT Hub allows no subscription to the update topics "
+                "(fix: set [update] enabled = false; updates need a generic broker or AWS IoT Core)"
+            )
+        if self.mqtt is not None and self.mqtt.platform == "azure":
+            prefix = self.mqtt.topic_prefix.format(device_id=self.device_id)
+            if prefix != AZURE_PREFIX_TEMPLATE.format(device_id=self.device_id):
+                raise ValueError(
+                    f"mqtt.topic_prefix: {self.mqtt.topic_prefix!r} names another device than device_id "
+                    f"{self.device_id!r} (fix: set {AZURE_PREFIX_TEMPLATE!r})"
+                )
         return self
 
 
@@ -239,6 +303,9 @@ def format_validation_error(exc: ValidationError, source: str) -> ConfigError:
         del loc[2]
     where = ".".join(loc)
     msg = err["msg"].removeprefix("Value error, ")
+    keyed = re.fullmatch(r"([a-z_][a-z_.]*): (.*) \(fix: (.*)\)", msg, re.DOTALL)
+    if err["type"] == "value_error" and keyed:  # a validator's "KEY: problem (fix: ...)" below the location
+        return ConfigError(f"{source}: key {'.'.join([*loc, keyed[1]])!r}: {keyed[2]}", keyed[3])
     if err["type"] == "extra_forbidden":
         return ConfigError(f"{source}: unknown key {where!r}", "remove it or check its spelling (see docs/config.md)")
     if err["type"] == "union_tag_invalid":
@@ -259,6 +326,15 @@ def parse_config(data: dict[str, Any], source: str = "agent.toml", base_dir: Pat
                 pipe.model = str((base_dir / pipe.model).resolve())
         if config.update.trust_root and not Path(config.update.trust_root).is_absolute():
             config.update.trust_root = str((base_dir / config.update.trust_root).resolve())
+        if config.mqtt is not None:  # credentials beside the config (a provisioned device's files) stay found
+            mqtt = config.mqtt
+            if mqtt.password_file and not Path(mqtt.password_file).is_absolute():
+                mqtt.password_file = str((base_dir / mqtt.password_file).resolve())
+            if mqtt.tls is not None:
+                for key in ("ca", "cert", "key"):
+                    value = getattr(mqtt.tls, key)
+                    if value and not Path(value).is_absolute():
+                        setattr(mqtt.tls, key, str((base_dir / value).resolve()))
     for pipe in config.pipelines.values():
         if pipe.model.startswith("sample:"):
             pipe.model = str(SAMPLES / pipe.model.removeprefix("sample:"))

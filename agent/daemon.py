@@ -223,6 +223,9 @@ class Daemon:
         # Stages hand the GIL back and forth around C calls (decode, resize, invoke); a short switch
         # interval keeps a thread returning from invoke from waiting up to 5 ms behind a busy one.
         sys.setswitchinterval(0.0005)
+        from agent.extras import require_extras
+
+        require_extras(self.config)  # a configured feature without its extra: one line naming it, nothing started
         try:
             self.profile = self.resolve_profile()
         except AgentError as exc:
@@ -284,6 +287,8 @@ class Daemon:
             self.notifier.status("stopping: flushing queued results")
             if self.updates is not None:
                 self.updates.stop()
+            if self.mqtt is not None:
+                self.mqtt.final_telemetry()  # while the pipelines still exist: queued before the offline status
             self._shutdown()
             if self.mqtt is not None:
                 self.mqtt.stop("shutdown")
@@ -308,9 +313,12 @@ class Daemon:
         log.info("reloading configuration")
         self._shutdown()
         self.config = new
+        if self.mqtt is not None:
+            self.mqtt.apply_config(new)  # result policies, Home Assistant settings: before the first new result
         self._start(new)
         if self.mqtt is not None:
             self.mqtt.link.publish_now(self.mqtt.topics.status, self.mqtt.status_online(), qos=1, retain=True)
+            self.mqtt.announce()  # discovery for the pipelines now running; removed ones cleared
         self.notifier.ready(self.status_line())
         log.info("reloaded", pipelines=list(self.pipelines), failed=self.pipeline_errors or None)
 

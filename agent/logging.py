@@ -28,3 +28,21 @@ def configure(level: str = "info", json: bool | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def configure_cli(level: str = "warning") -> None:
+    """Logging for one-shot commands: ``edge-agent: <level>: <event> [key=value ...]`` lines on stderr, no colour."""
+
+    def render(_: object, method: str, event: structlog.typing.EventDict) -> str:
+        message = event.pop("event", "")
+        event.pop("timestamp", None)
+        lvl = event.pop("level", method)
+        extra = " ".join(f"{k}={v}" for k, v in event.items() if not k.startswith("_"))
+        return f"edge-agent: {lvl}: {message}" + (f" ({extra})" if extra else "")
+
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level, render],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper(), logging.WARNING)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )

@@ -202,8 +202,13 @@ class PipelineStats:
     _rate_marks: collections.deque[tuple[float, int, int]] = field(default_factory=lambda: collections.deque(maxlen=64))
     _marks_lock: threading.Lock = field(default_factory=threading.Lock)  # status, telemetry and capture threads
 
+    def __post_init__(self) -> None:
+        # a mark at the start: the first call (telemetry sent on connecting) gives the rate since then, not 0
+        self._rate_marks.append((time.monotonic(), self.captured, self.processed))
+
     def rates(self) -> tuple[float, float]:
-        """(fps in, fps processed) over up to the last minute, from marks taken at each call."""
+        """(fps in, fps processed) over up to the last minute (since the start at first), from marks taken at each
+        call."""
         now = time.monotonic()
         with self._marks_lock:
             self._rate_marks.append((now, self.captured, self.processed))

@@ -21,7 +21,7 @@ from typing import Any
 
 from agent.bundle import ARCHIVE_SUFFIXES, METADATA_FILE, MODEL_SUFFIXES, Bundle, load_bundle, parse_metadata
 from agent.errors import AgentError, RuntimeUnavailable
-from fleet.errors import FleetError
+from fleet.errors import FleetError, OperationFailed
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -68,6 +68,7 @@ class BuildResult:
     size: int
     files: list[str]
     validation: Validation = field(default_factory=Validation)
+    input: dict[str, Any] = field(default_factory=dict)  # bundle.toml's [input]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +80,7 @@ class BuildResult:
             "sha256": self.sha256,
             "size": self.size,
             "files": self.files,
+            "input": self.input,
             "model": self.validation.model,
             "golden": None
             if self.validation.golden_problems is None
@@ -111,7 +113,7 @@ def validate_bundle(path: Path, *, golden: bool = True) -> Validation:
     finally:
         predictor.close()
     if result.golden_problems:
-        raise FleetError(
+        raise OperationFailed(
             f"golden vectors fail: {result.golden_problems[0]}",
             "rebuild the golden vectors for this model or fix the metadata",
         )
@@ -174,6 +176,122 @@ def is_archive(path: Path) -> bool:
     return path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
+# ---- input inference --------------------------------------------------------------------------------
+
+INPUT_KINDS = ("image", "tensor", "timeseries")
+IMAGE_MIN_SIDE = 8  # a rank-4 input with 1 or 3 channels and both sides at least this is taken for an image
+
+
+def _side(value: Any) -> int | None:
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def infer_input(
+    shapes: Sequence[Sequence[int | str]],
+    *,
+    kind: str | None = None,
+    layout: str | None = None,
+    size: tuple[int, int] | None = None,
+    color: str | None = None,
+) -> dict[str, Any]:
+    """The ``[input]`` table of bundle.toml for a model with these input shapes, given what the user said (pure).
+
+    One input of rank 4 with 1 or 3 channels (NHWC or NCHW) and sides of an image (both at least
+    ``IMAGE_MIN_SIDE``, or dynamic) is an ``image`` (layout, size as (width, height), colour gray for 1 channel, rgb
+    for 3); anything else is a ``tensor``. What the user gives wins; FleetError asks (with the flag) for what cannot
+    be inferred: the size of an image with dynamic sides, the layout of a rank-4 input without a 1- or 3-channel axis.
+    """
+    from agent.processing.image import infer_layout
+
+    shape = tuple(shapes[0]) if len(shapes) == 1 else ()
+    guessed = infer_layout(shape) if len(shape) == 4 else None
+    if kind is None:
+        if guessed is not None:
+            h, w = (shape[1], shape[2]) if guessed == "NHWC" else (shape[2], shape[3])
+            sides = [_side(h), _side(w)]
+            looks_like_image = all(v is None or v >= IMAGE_MIN_SIDE for v in sides)
+            kind = "image" if looks_like_image else "tensor"
+        else:
+            kind = "tensor"
+    if kind == "tensor":
+        return {"kind": "tensor"}
+    if kind == "timeseries":
+        raise FleetError(
+            "a timeseries input needs its window, stride and channel names",
+            "give them in the [input] table of a --metadata bundle.toml (see docs/bundles.md)",
+        )
+    if kind != "image":
+        raise FleetError(f"unknown input kind {kind!r}", f"give --input-kind {' or '.join(INPUT_KINDS)}")
+    if len(shapes) != 1:
+        raise FleetError(
+            f"an image input needs a model with 1 input, this one has {len(shapes)}", "give --input-kind tensor"
+        )
+    if len(shape) != 4:
+        raise FleetError(
+            f"the model's input has shape {list(shape)}, not an image tensor (NHWC or NCHW)", "give --input-kind tensor"
+        )
+    layout = layout or guessed
+    if layout is None:
+        raise FleetError(
+            f"cannot tell the layout of input shape {list(shape)}: no axis of 1 or 3 channels",
+            "give --layout NHWC or --layout NCHW (or --input-kind tensor)",
+        )
+    h, w, c = (shape[1], shape[2], shape[3]) if layout == "NHWC" else (shape[2], shape[3], shape[1])
+    table: dict[str, Any] = {"kind": "image", "layout": layout}
+    model_size = (_side(w), _side(h))
+    if size is not None:
+        if None not in model_size and tuple(size) != model_size:
+            raise FleetError(
+                f"--size {size[0]}x{size[1]} does not match the model's input {model_size[0]}x{model_size[1]}",
+                "drop --size (the model's is used)",
+            )
+        table["size"] = [int(size[0]), int(size[1])]
+    elif None not in model_size:
+        table["size"] = [model_size[0], model_size[1]]
+    else:
+        raise FleetError(
+            f"the model's image input {list(shape)} has no fixed size",
+            "give --size WIDTHxHEIGHT, the size frames are resized to",
+        )
+    channels = _side(c)
+    if color is None:
+        if channels is None:
+            raise FleetError(
+                f"the model's image input {list(shape)} has no fixed channel count", "give --color rgb, bgr or gray"
+            )
+        color = "gray" if channels == 1 else "rgb"
+    table["color"] = color
+    return table
+
+
+def model_input_shapes(model: Path) -> list[tuple[int | str, ...]] | str:
+    """The input shapes of a model file, opened with an installed runtime; a string saying why when none can."""
+    from agent.runtime import load_model
+
+    try:
+        loaded = load_model(model)
+    except RuntimeUnavailable as exc:
+        return exc.problem
+    except AgentError as exc:
+        raise fleet_error(exc) from None
+    try:
+        return [tuple(t.shape) for t in loaded.inputs]
+    finally:
+        loaded.close()
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``WIDTHxHEIGHT`` (e.g. 224x224) as (width, height)."""
+    width, sep, height = text.lower().partition("x")
+    try:
+        size = (int(width), int(height))
+    except ValueError:
+        size = (0, 0)
+    if not sep or min(size) < 1 or max(size) > 16384:
+        raise FleetError(f"--size {text!r} is not WIDTHxHEIGHT", "give the size like 224x224")
+    return size
+
+
 # ---- building --------------------------------------------------------------------------------------
 
 
@@ -206,9 +324,16 @@ def build_bundle(
     metadata: Path | None = None,
     description: str | None = None,
     golden: bool = True,
+    input_kind: str | None = None,
+    layout: str | None = None,
+    size: tuple[int, int] | None = None,
+    color: str | None = None,
 ) -> BuildResult:
     """Build ``out`` (.tar.gz) from ``model`` plus metadata (``metadata`` bundle.toml, overridden by the other
-    arguments); files the metadata names (labels file, golden vectors) come from beside the metadata file."""
+    arguments); files the metadata names (labels file, golden vectors) come from beside the metadata file.
+
+    Without an ``[input]`` table in the metadata, the input kind, layout, size and colour are inferred from the model
+    (``infer_input``); ``input_kind``, ``layout``, ``size`` and ``color`` override what is inferred or given."""
     import tomli_w
 
     model = Path(model)
@@ -230,6 +355,9 @@ def build_bundle(
     if data["task"] not in TASKS:
         raise FleetError(f"unknown task {data['task']!r}", f"use one of {', '.join(TASKS)}")
     data["model"] = model.name
+    given = {"kind": input_kind, "layout": layout, "size": size, "color": color}
+    if "input" not in data or any(v is not None for v in given.values()):
+        data["input"] = _input_table(model, data.get("input"), given)
 
     with tempfile.TemporaryDirectory(prefix="fleet-bundle-") as tmp:
         root = Path(tmp)
@@ -268,6 +396,108 @@ def build_bundle(
         size=size,
         files=files,
         validation=validation,
+        input=meta.input.model_dump(mode="json", exclude_none=True),
+    )
+
+
+def _input_table(model: Path, current: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """bundle.toml's ``[input]``: the metadata's table with what the user gave, or inferred from the model."""
+    current = dict(current) if isinstance(current, dict) else {}
+    if current and given["kind"] in (None, current.get("kind", "tensor")):
+        for key in ("layout", "color"):
+            if given[key] is not None:
+                current[key] = given[key]
+        if given["size"] is not None:
+            current["size"] = list(given["size"])
+        return current
+    shapes = model_input_shapes(model)
+    if isinstance(shapes, str):
+        if given["kind"] == "tensor":
+            return {"kind": "tensor"}
+        if given["kind"] == "image":
+            table: dict[str, Any] = {"kind": "image"}
+            for key in ("layout", "color"):
+                if given[key] is not None:
+                    table[key] = given[key]
+            if given["size"] is not None:
+                table["size"] = list(given["size"])
+            return table  # layout and size: inferred by the device from the model when left out
+        raise FleetError(
+            f"cannot open {model.name} here to infer its input kind ({shapes})",
+            "give --input-kind image (a camera or image model) or --input-kind tensor, or install the runtime",
+        )
+    return infer_input(shapes, kind=given["kind"], layout=given["layout"], size=given["size"], color=given["color"])
+
+
+# ---- what the fleet can run ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleModel:
+    """A bundle shipped with the agent (``model = "sample:NAME"``): devices may run it without it being published."""
+
+    path: Path
+    name: str
+    version: str
+    input_kind: str
+    model_sha256: str
+
+
+def sample_models() -> list[SampleModel]:
+    """The agent's built-in sample bundles (what a provisioned device runs first)."""
+    from agent.config import SAMPLES
+
+    out = []
+    for directory in sorted(p for p in Path(SAMPLES).iterdir() if (p / METADATA_FILE).is_file()):
+        with contextlib.suppress(AgentError):
+            bundle = load_bundle(directory)
+            out.append(SampleModel(directory, bundle.name, bundle.version, bundle.metadata.input.kind, bundle.sha256))
+            bundle.close()
+    return out
+
+
+def fleet_fit(
+    input_kind: str,
+    hardware: Sequence[str],
+    devices: Sequence[dict[str, Any]],
+    known_kinds: dict[tuple[str, str], str],
+) -> tuple[str, str] | None:
+    """None when some provisioned device could run a bundle (pure), else (problem, fix).
+
+    A device could run it when its hardware id (provisioned, else the profile it reports) is in ``hardware`` (empty:
+    any) or unknown, and one of the models it reports running takes the same input kind (looked up by name and
+    version in ``known_kinds``; a model of unknown kind, or a device that reported none yet, is not held against it).
+    No devices yet: nothing to compare with.
+    """
+    if not devices:
+        return None
+    wanted = set(hardware)
+
+    def hw(d: dict[str, Any]) -> str | None:
+        return d.get("hardware") or d.get("profile")
+
+    fitting = [d for d in devices if not wanted or hw(d) is None or hw(d) in wanted]
+    if not fitting:
+        have: dict[str, int] = {}
+        for d in devices:
+            have[str(hw(d))] = have.get(str(hw(d)), 0) + 1
+        listed = ", ".join(f"{h} ({n})" for h, n in sorted(have.items()))
+        return (
+            f"it is for hardware {', '.join(sorted(wanted))} and the devices are {listed}",
+            f"give --hardware with the devices' ids (e.g. --hardware {sorted(have)[0]}), or none for any hardware",
+        )
+    seen: dict[str, list[str]] = {}
+    for d in fitting:
+        models = [m for m in (d.get("models") or {}).values() if isinstance(m, dict)]
+        kinds = [known_kinds.get((str(m.get("name")), str(m.get("version")))) for m in models]
+        if not models or None in kinds or input_kind in kinds:
+            return None
+        for m, kind in zip(models, kinds, strict=True):
+            seen.setdefault(str(kind), []).append(f"{d['id']} runs {m.get('name')} {m.get('version')}")
+    listed = "; ".join(f"{kind} input: {', '.join(v[:3])}{' ...' if len(v) > 3 else ''}" for kind, v in seen.items())
+    return (
+        f"its input kind is {input_kind!r} and every device's pipelines take another ({listed})",
+        "build the bundle for the devices' input (`fleet bundle build ... --input-kind KIND`, see docs/bundles.md)",
     )
 
 

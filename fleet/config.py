@@ -98,7 +98,7 @@ def load_fleet_config(path: str | Path | None) -> FleetConfig:
         env = os.environ.get("FLEET_CONFIG")
         path = Path(env) if env else Path(DEFAULT_CONFIG)
         if not path.exists():
-            return FleetConfig()
+            return FleetConfig(data_dir=str(Path.cwd() / FleetConfig().data_dir))
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")

@@ -123,13 +123,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata", type=Path, metavar="BUNDLE_TOML", help="start from this bundle.toml")
     p.add_argument("--description")
     p.add_argument("--no-golden", action="store_true", help="do not run the golden vectors")
+    p.add_argument(
+        "--input-kind", choices=["image", "tensor"], help="what the model takes (default: inferred from the model)"
+    )
+    p.add_argument("--layout", choices=["NHWC", "NCHW"], help="image input layout (default: inferred)")
+    p.add_argument("--size", metavar="WxH", help="image input size, e.g. 224x224 (default: the model's)")
+    p.add_argument("--color", choices=["rgb", "bgr", "gray"], help="image channel order (default: rgb, gray for 1)")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.tar.gz")
     p = bs.add_parser("inspect", help="metadata, model I/O, size and sha256 of a bundle", parents=[common, as_json])
     p.add_argument("path", type=Path, metavar="PATH")
     p.add_argument("--no-golden", action="store_true")
     p = bs.add_parser("publish", help="sign a bundle into the repository as a TUF target", parents=[common, as_json])
     p.add_argument("path", type=Path, metavar="PATH")
-    p.add_argument("--hardware", nargs="+", default=[], metavar="ID", help="hardware ids (default: the bundle's)")
+    p.add_argument(
+        "--hardware", nargs="+", default=[], metavar="ID", help="hardware ids (default: the bundle's; none: any)"
+    )
+    p.add_argument(
+        "--skip-validation",
+        action="store_true",
+        help="sign a bundle this machine cannot validate (no runtime installed for its model)",
+    )
 
     # devices
     device = add("device", "provision a device or show one")
@@ -169,9 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shadow-frames", type=int, default=0, metavar="N", help="run the new model in shadow first")
     p.add_argument("--shadow-agreement", type=_number, default=0.9, metavar="A", help="shadow agreement needed")
     p.add_argument("--health-window", type=_number, metavar="S", help="seconds of health checks after activation")
+    p.add_argument(
+        "--health-latency-factor", type=_number, metavar="F", help="roll back when p95 latency > F x the old model's"
+    )
+    p.add_argument(
+        "--health-latency-floor-ms", type=_number, metavar="MS", help="... and more than MS above it (absolute floor)"
+    )
+    p.add_argument("--health-min-results", type=int, metavar="N", help="results the health window needs (agent: 20)")
     p.add_argument("--rollback", action="store_true", help="an explicit downgrade to an older version")
     p.add_argument("--wait", action="store_true", help="follow the rollout until it finishes")
-    p.add_argument("--wait-timeout", type=_number, metavar="S", help="stop following after this long")
+    p.add_argument("--wait-timeout", type=_number, metavar="S", help="stop following after this long (then exit 3)")
 
     rollout = add("rollout", "list, follow and control rollouts")
     rs = rollout.add_subparsers(dest="rollout_command", required=True, metavar="ACTION")
@@ -180,13 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = rs.add_parser("status", help="one rollout with its devices", parents=[common, as_json])
     p.add_argument("rollout_id", metavar="ID")
     p.add_argument("--wait", action="store_true", help="follow it until it finishes")
-    p.add_argument("--wait-timeout", type=_number, metavar="S")
+    p.add_argument("--wait-timeout", type=_number, metavar="S", help="stop following after this long (then exit 3)")
     for action in ("pause", "resume", "abort"):
         p = rs.add_parser(action, help=f"{action} a rollout", parents=[common, as_json])
         p.add_argument("rollout_id", metavar="ID")
         p.add_argument("--reason")
     p = add("rollback", "roll the committed devices of a rollout back to their previous version", listing=True)
     p.add_argument("rollout_id", metavar="ROLLOUT_ID")
+    p.add_argument(
+        "--health-window", type=_number, metavar="S", help="seconds of health checks (default: the rollout's)"
+    )
+    p.add_argument("--wait", action="store_true", help="follow the rollback until it finishes")
+    p.add_argument("--wait-timeout", type=_number, metavar="S", help="stop following after this long (then exit 3)")
 
     p = add("command", "send a signed command to a device and wait for its acknowledgement", listing=True)
     p.add_argument("device_id", metavar="ID")
@@ -197,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("audit", "the audit log, newest first", listing=True)
     p.add_argument("--limit", type=_positive_int, default=50)
     p.add_argument("--action")
+
+    p = add("quarantine", "device messages set aside by ingest (with the reason), newest first", listing=True)
+    p.add_argument("--limit", type=_positive_int, default=50)
+    p.add_argument("--device", metavar="ID")
 
     p = add("targets", "published targets; sign/publish staged ones (offline targets key)", listing=True)
     p.add_argument("targets_command", nargs="?", default="list", choices=["list", "sign", "publish", "discard"])
@@ -298,16 +327,67 @@ def _esc(value: Any) -> str:
     return escape("" if value is None else str(value))
 
 
+# How each listing column behaves at a narrow width (agent.tables.Col): ids and states stay whole; free text folds;
+# the higher ``drop``, the sooner a column is left out when the terminal is too narrow for all of them.
+_COLUMNS: dict[str, dict[str, Any]] = {
+    "id": {"whole": True},
+    "device": {"whole": True},
+    "path": {"whole": True},
+    "name": {"min_width": 12},
+    "version": {"whole": True},
+    "group": {"whole": True},
+    "state": {"whole": True},
+    "status": {"whole": True},
+    "action": {"whole": True},
+    "role": {"whole": True},
+    "result": {"whole": True},
+    "time": {"whole": True},
+    "field": {"whole": True},
+    "level": {"whole": True, "drop": 1},
+    "kind": {"whole": True},
+    "target": {"min_width": 16},
+    "model": {"min_width": 12},
+    "update": {"min_width": 10, "drop": 1},
+    "last seen": {"whole": True, "drop": 2},
+    "fps": {"whole": True, "drop": 4, "justify": "right"},
+    "latency ms": {"whole": True, "drop": 3, "justify": "right"},
+    "temp °C": {"whole": True, "drop": 5, "justify": "right"},
+    "hardware": {"min_width": 8, "drop": 2},
+    "task": {"whole": True, "drop": 3},
+    "bytes": {"whole": True, "drop": 4, "justify": "right"},
+    "sha256": {"min_width": 12, "drop": 5},
+    "actor": {"whole": True, "drop": 2},
+    "detail": {"min_width": 16, "drop": 1},
+    "error": {"min_width": 12},
+    "reason": {"min_width": 12},
+    "wave": {"whole": True, "drop": 2},
+    "device state": {"whole": True, "drop": 1},
+    "pipeline": {"whole": True, "drop": 1},
+    "description": {"min_width": 12, "drop": 1},
+    "devices": {"whole": True, "justify": "right"},
+    "online": {"whole": True, "justify": "right"},
+    "ok": {"whole": True, "justify": "right"},
+    "failed": {"whole": True, "justify": "right"},
+    "progress": {"min_width": 16, "drop": 1},
+    "threshold": {"whole": True},
+    "keys": {"min_width": 12},
+    "expires": {"whole": True, "drop": 1},
+    "shape": {"whole": True},
+    "dtype": {"whole": True},
+    "quantization": {"min_width": 12, "drop": 1},
+    "value": {"min_width": 20},
+}
+
+
 def _table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Any:
-    from rich.table import Table
+    """A listing fitted to the terminal (see agent.tables): plain aligned lines off a terminal."""
     from rich.text import Text
 
-    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
-    for col in columns:
-        table.add_column(col, overflow="fold")
-    for row in rows:
-        table.add_row(*(v if isinstance(v, Text) else _esc(v) for v in row))
-    return table
+    from agent.tables import Col, Listing
+
+    cols = [Col(name, **_COLUMNS.get(name, {})) for name in columns]
+    cells = [[v if isinstance(v, Text) else Text("" if v is None else str(v)) for v in row] for row in rows]
+    return Listing(title, cols, cells)
 
 
 def _when(ts: float | None) -> str:
@@ -353,11 +433,24 @@ def _passphrase(path: Path) -> str | None:
 # ---- init / serve ----------------------------------------------------------------------------------------
 
 
+def _config_source(args: argparse.Namespace) -> Path | None:
+    """The fleet.toml in use (None: none, the defaults apply)."""
+    from fleet.config import DEFAULT_CONFIG
+
+    if args.config:
+        return Path(args.config)
+    env = os.environ.get("FLEET_CONFIG")
+    path = Path(env) if env else Path(DEFAULT_CONFIG)
+    return path if path.exists() else None
+
+
 def cmd_init(ctx: Ctx) -> int:
-    from fleet.db import Registry
+    from fleet.db import Registry, ensure_database
+    from fleet.provision import ensure_fleet_user
     from fleet.repository import Repository
 
     args, config = ctx.args, ctx.config
+    source = _config_source(args)
     exists = (config.repository_dir / "metadata" / "root.json").is_file()
     options = args.root_keys is not None or args.root_threshold is not None or args.offline_targets is not None
     if exists and options:
@@ -367,9 +460,13 @@ def cmd_init(ctx: Ctx) -> int:
         )
     if not exists and args.offline_targets is not None and args.offline_targets.exists():
         raise FleetError(f"{args.offline_targets} already exists", "choose a new file for the offline targets key")
+    data_created = not config.data.is_dir()
     config.data.mkdir(parents=True, exist_ok=True)
+    database_created = ensure_database(config.database_url)
+    sqlite_new = config.database is None and not (config.data / "fleet.sqlite").exists()
     registry = Registry(config.database_url, bucket_s=config.telemetry_bucket_s)
     ctx._registry = registry
+    schema_before = registry.schema_revision()
     registry.migrate()
     created = not exists
     if created:
@@ -382,11 +479,16 @@ def cmd_init(ctx: Ctx) -> int:
             offline_key_path=args.offline_targets,
             offline_passphrase=os.environ.get(PASSPHRASE_ENV),
         )
+    broker = ensure_fleet_user(config)
     repo = ctx.repository
     root = repo.root().signed
     report = {
+        "config": str(source) if source else None,
         "data_dir": str(config.data),
+        "data_dir_created": data_created,
         "database": registry.url,
+        "database_created": database_created or sqlite_new,
+        "schema_created": schema_before is None,
         "repository": str(config.repository_dir),
         "keys": str(config.keys_dir),
         "created": created,
@@ -394,26 +496,47 @@ def cmd_init(ctx: Ctx) -> int:
         "root_keys": len(root.roles["root"].keyids),
         "root_threshold": root.roles["root"].threshold,
         "offline_targets_key": str(args.offline_targets) if args.offline_targets else None,
+        "broker": broker.to_dict(),
     }
     ctx.audit("init", report)
     if ctx.json:
         _print_json(report)
         return EXIT_OK
     out = _console()
-    if created:
-        out.print(f"[bold]fleet initialised[/bold] in {_esc(config.data)}")
+    if source is None:
         out.print(
-            f"  TUF repository root v{root.version}: {report['root_keys']} root key(s), threshold "
-            f"{report['root_threshold']}"
+            f"no fleet.toml here (nor --config or $FLEET_CONFIG): using the defaults (data in {_esc(config.data)}, "
+            f"SQLite, broker {_esc(config.broker.url)}); write a fleet.toml to change them (docs/fleet.md)"
         )
+    else:
+        out.print(f"config {_esc(source)}")
+    verb = "created" if data_created else "kept"
+    if created:
+        out.print(f"[bold]fleet initialised[/bold] in {_esc(config.data)} ({verb})")
+        out.print(
+            f"  created the TUF repository in {_esc(config.repository_dir)}: root v{root.version}, "
+            f"{report['root_keys']} root key(s), threshold {report['root_threshold']}"
+        )
+        out.print(f"  created the signing keys in {_esc(config.keys_dir)} (private: keep this directory safe)")
         if args.offline_targets:
             out.print(
                 f"  targets key moved offline to {_esc(args.offline_targets)}: keep it off this machine; "
                 "`fleet keys sign` signs what `fleet bundle publish` stages"
             )
     else:
-        out.print(f"fleet already initialised in {_esc(config.data)}: repository kept, database schema up to date")
-    out.print(f"  database {_esc(registry.url)}")
+        out.print(f"fleet already initialised in {_esc(config.data)}: repository and keys kept")
+    what = "created" if report["database_created"] else ("tables created" if report["schema_created"] else "up to date")
+    out.print(f"  database {_esc(registry.url)}: {what}")
+    files = [
+        str(f)
+        for f, done in ((broker.acl_file, broker.acl_written), (broker.password_file, broker.password_added))
+        if done
+    ]
+    if files:
+        out.print(f"  broker: the fleet's own user {_esc(broker.user)!r} is in {_esc(' and '.join(files))}")
+    out.print("  mosquitto.conf needs: " + "; ".join(_esc(line) for line in broker.broker_conf))
+    for note in broker.notes:
+        out.print(f"  [yellow]note[/yellow]: {_esc(note)}")
     out.print(
         "next: `fleet bundle build`, `fleet bundle publish`, `fleet device provision ID --group G`, `fleet serve`"
     )
@@ -425,7 +548,7 @@ def cmd_serve(ctx: Ctx) -> int:
         from fleet.server import serve
     except ImportError as exc:
         raise FleetError(
-            f"the fleet server is not available: {exc}", "reinstall with `pip install 'edge-agent[fleet]'`"
+            f"the fleet server is not available: {exc}", "reinstall with `pip install 'edge-inference-agent[fleet]'`"
         ) from None
     if ctx.args.duration is not None:
         return int(serve(ctx.config, duration=ctx.args.duration) or 0)
@@ -700,7 +823,7 @@ def cmd_keys_publish(ctx: Ctx) -> int:
 
 
 def cmd_bundle_build(ctx: Ctx) -> int:
-    from fleet.bundles import build_bundle
+    from fleet.bundles import build_bundle, parse_size
 
     args = ctx.args
     result = build_bundle(
@@ -714,6 +837,10 @@ def cmd_bundle_build(ctx: Ctx) -> int:
         metadata=args.metadata,
         description=args.description,
         golden=not args.no_golden,
+        input_kind=args.input_kind,
+        layout=args.layout,
+        size=parse_size(args.size) if args.size else None,
+        color=args.color,
     )
     report = result.to_dict()
     if ctx.json:
@@ -723,11 +850,26 @@ def cmd_bundle_build(ctx: Ctx) -> int:
     out.print(f"built [bold]{_esc(result.name)}[/bold] {result.version} ({result.task}) -> {_esc(result.path)}")
     out.print(f"  {result.size} bytes, sha256 {result.sha256}")
     out.print(f"  files: {', '.join(result.files)}; hardware: {', '.join(result.hardware) or 'any'}")
+    out.print(f"  input: {_esc(_input_text(result.input))}")
     if report["golden"] is not None:
         out.print("  golden vectors: passed")
     if result.validation.skipped:
         out.print(f"  [yellow]model not opened here[/yellow]: {_esc(result.validation.skipped)}")
     return EXIT_OK
+
+
+def _input_text(spec: dict[str, Any]) -> str:
+    """``image NHWC 32x32 gray`` / ``tensor``."""
+    if spec.get("kind") != "image":
+        return str(spec.get("kind", "tensor"))
+    size = spec.get("size")
+    parts = [
+        "image",
+        spec.get("layout") or "layout from the model",
+        f"{size[0]}x{size[1]}" if size else "",
+        spec.get("color") or "",
+    ]
+    return " ".join(p for p in parts if p)
 
 
 def _tensor_rows(tensors: list[dict[str, Any]]) -> list[list[Any]]:
@@ -782,16 +924,8 @@ def _target_dict(target: Any) -> dict[str, Any]:
     }
 
 
-def _hardware_fix() -> str:
-    from agent.profiles import builtin_profiles
-
-    with contextlib.suppress(Exception):
-        return f"give --hardware ID ... (firmware profile ids: {', '.join(sorted(builtin_profiles()))})"
-    return "give --hardware ID ... (firmware profile ids such as rpi5, jetson-orin-nano, x86_64)"
-
-
 def cmd_bundle_publish(ctx: Ctx) -> int:
-    from fleet.bundles import archive_for_publish, opened, validate_bundle
+    from fleet.bundles import archive_for_publish, fleet_fit, opened, validate_bundle
 
     args = ctx.args
     repo = ctx.repository
@@ -799,21 +933,38 @@ def cmd_bundle_publish(ctx: Ctx) -> int:
         archive = archive_for_publish(args.path, Path(tmp))
         with opened(archive) as bundle:
             meta = bundle.metadata
+            model_sha256 = bundle.sha256
         if bundle.inferred:
             raise FleetError(f"{args.path} has no bundle.toml", "build a bundle with `fleet bundle build` first")
         validation = validate_bundle(archive)
+        if validation.skipped and not args.skip_validation:
+            raise FleetError(
+                f"{meta.model} cannot be validated here ({validation.skipped}): publishing would sign a bundle that "
+                "no runtime has opened and whose golden vectors never ran",
+                "install the runtime for it (pip install 'edge-inference-agent[litert]' or '[onnx]'), or give "
+                "--skip-validation to sign it unvalidated",
+            )
         hardware = list(dict.fromkeys(args.hardware or meta.hardware))
-        if not hardware:
-            raise FleetError(f"bundle {meta.name} {meta.version} names no hardware ids", _hardware_fix())
+        problem = fleet_fit(meta.input.kind, hardware, ctx.registry.devices(), _input_kinds(ctx))
+        if problem is not None:
+            raise FleetError(f"no provisioned device could run {meta.name} {meta.version}: {problem[0]}", problem[1])
         target_path = f"{meta.name}/{meta.name}-{meta.version}.tar.gz"
         change = repo.add_target(
-            archive, target_path, name=meta.name, version=meta.version, hardware=hardware, task=meta.task
+            archive,
+            target_path,
+            name=meta.name,
+            version=meta.version,
+            hardware=hardware,
+            task=meta.task,
+            input_kind=meta.input.kind,
+            model_sha256=model_sha256,
         )
     report = {
         "target": _target_dict(change.target),
         "targets_version": change.targets_version,
         "staged": change.staged,
         "changed": change.changed,
+        "validated": validation.skipped is None,
         "runtime_check_skipped": validation.skipped,
     }
     ctx.audit("bundle.publish", report)
@@ -822,8 +973,10 @@ def cmd_bundle_publish(ctx: Ctx) -> int:
         return EXIT_OK
     out = _console()
     t = report["target"]
-    rows = [[t["path"], t["name"], t["version"], ", ".join(t["hardware"]), t["length"], t["sha256"][:16]]]
+    rows = [[t["path"], t["name"], t["version"], ", ".join(t["hardware"]) or "any", t["length"], t["sha256"][:16]]]
     out.print(_table("TUF target", ["path", "name", "version", "hardware", "bytes", "sha256"], rows))
+    if validation.skipped:
+        out.print(f"[yellow]signed without validation[/yellow] (--skip-validation): {_esc(validation.skipped)}")
     if change.staged:
         out.print(
             f"staged in targets v{change.targets_version}: the targets key is offline. Sign with "
@@ -834,6 +987,17 @@ def cmd_bundle_publish(ctx: Ctx) -> int:
     else:
         out.print(f"published in targets v{change.targets_version}; deploy with `fleet deploy {target_path} --group G`")
     return EXIT_OK
+
+
+def _input_kinds(ctx: Ctx) -> dict[tuple[str, str], str]:
+    """Input kind of each model the fleet knows by (name, version): published targets and the agent's samples."""
+    from fleet.bundles import sample_models
+
+    kinds = {(s.name, s.version): s.input_kind for s in sample_models()}
+    for target in ctx.repository.targets():
+        if target.input_kind:
+            kinds[(target.name, target.version)] = target.input_kind
+    return kinds
 
 
 # ---- targets ----------------------------------------------------------------------------------------------
@@ -862,7 +1026,9 @@ def cmd_targets(ctx: Ctx) -> int:
         _print_json(targets)
         return EXIT_OK
     out = _console()
-    rows = [[t["path"], t["name"], t["version"], t["task"], ", ".join(t["hardware"]), t["length"]] for t in targets]
+    rows = [
+        [t["path"], t["name"], t["version"], t["task"], ", ".join(t["hardware"]) or "any", t["length"]] for t in targets
+    ]
     out.print(_table("targets", ["path", "name", "version", "task", "hardware", "bytes"], rows))
     staged = ctx.repository.staged()
     if staged is not None:
@@ -1135,34 +1301,86 @@ def _print_rollout(info: dict[str, Any], devices: bool = True) -> None:
         out.print(_table(None, ["device", "wave", "state", "device state", "reason"], rows))
 
 
-def _follow(ctx: Ctx, rollout_id: str, timeout: float | None) -> dict[str, Any]:
-    """Poll a rollout with a progress bar until it finishes (or ``timeout``); the server drives it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _follow(ctx: Ctx, rollout_id: str, timeout: float | None, poll_s: float = 0.5) -> dict[str, Any]:
+    """Follow a rollout until it finishes (or ``timeout``): one line on stderr per device state change, the health
+    window's countdown for devices in trial, and a warning when no fleet server is driving rollouts. The server
+    drives the rollout; this only reads the registry. ``info["wait"]`` says whether it finished or timed out."""
+    from fleet import follow
 
-    deadline = None if timeout is None else time.monotonic() + timeout
-    info = ctx.ops.rollout(rollout_id)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"),
-        TimeElapsedColumn(),
-        console=_console(stderr=True),
-        transient=ctx.json,
-    ) as progress:
-        task = progress.add_task(rollout_id, total=info["summary"]["devices"], detail="")
-        while True:
-            s = info["summary"]
-            done = s["succeeded"] + s["failed"] + s["timed_out"]
-            progress.update(task, completed=done, detail=f"{info['status']}: {_summary_line(s)}")
-            if info["status"] in ("aborted", "completed") or (deadline is not None and time.monotonic() > deadline):
-                return info
-            time.sleep(1.0)
-            info = ctx.ops.rollout(rollout_id)
+    started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
+    seen = follow.FollowState(started=time.time())
+    row = ctx.registry.load_rollout(rollout_id) or {}
+    window = ((row.get("policy") or {}).get("deploy") or {}).get("health_window_s")
+    source = _config_source(ctx.args)
+    hint = f" --config {source}" if source is not None else ""
+    silent_since: float | None = None
+
+    def say(line: str) -> None:
+        elapsed = time.monotonic() - started
+        print(f"[{elapsed:5.0f}s] {line}", file=sys.stderr, flush=True)
+
+    while True:
+        info = ctx.ops.rollout(rollout_id)
+        for line in follow.changes(seen, info, time.time(), window):
+            say(line)
+        if info["status"] in follow.FINISHED:
+            return info | {"wait": {"finished": True, "timed_out": False}}
+        if deadline is not None and time.monotonic() >= deadline:
+            return info | {"wait": {"finished": False, "timed_out": True, "timeout_s": timeout}}
+        now = time.time()
+        heartbeat = ctx.registry.last_server_heartbeat()
+        if follow.server_silent(heartbeat, now):
+            silent_since = silent_since if silent_since is not None else time.monotonic()
+            if not seen.server_warned and time.monotonic() - silent_since >= follow.SERVER_GRACE_S:
+                print(follow.silence_warning(heartbeat, now, hint), file=sys.stderr, flush=True)
+                seen.server_warned = True
+        else:
+            if seen.server_warned:
+                say("a fleet server is driving rollouts again")
+            silent_since, seen.server_warned = None, False
+        time.sleep(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic())))
+
+
+def _warn_if_no_server(ctx: Ctx) -> None:
+    """One line on stderr when no fleet server has driven rollouts lately: a new rollout would sit still."""
+    from fleet import follow
+
+    now, heartbeat = time.time(), ctx.registry.last_server_heartbeat()
+    if follow.server_silent(heartbeat, now):
+        source = _config_source(ctx.args)
+        print(follow.silence_warning(heartbeat, now, f" --config {source}" if source else ""), file=sys.stderr)
+
+
+EXIT_TIMEOUT = 3  # --wait gave up (--wait-timeout) while the rollout still runs
 
 
 def _rollout_exit(info: dict[str, Any]) -> int:
-    return EXIT_FAIL if info["status"] == "aborted" else EXIT_OK
+    """0: completed or (not waited for) still running; 1: aborted; 3: waited for and still running at the timeout."""
+    if info["status"] == "aborted":
+        return EXIT_FAIL
+    wait = info.get("wait") or {}
+    if wait.get("timed_out"):
+        print(
+            f"fleet: rollout {info['id']} is still {info['status']} after --wait-timeout {wait.get('timeout_s'):g} s"
+            f" (follow it with `fleet rollout status {info['id']} --wait`)",
+            file=sys.stderr,
+        )
+        return EXIT_TIMEOUT
+    return EXIT_OK
+
+
+def _check_health_options(args: argparse.Namespace) -> None:
+    """The health settings of a deployment, in the ranges the agent accepts (agent.protocol.update.DeployCommand)."""
+    checks = (
+        ("--health-window", getattr(args, "health_window", None), 0.0, 86_400.0, False, "seconds above 0, at most 86400"),
+        ("--health-latency-factor", getattr(args, "health_latency_factor", None), 0.0, 100.0, False, "a factor above 0, at most 100, e.g. 2"),
+        ("--health-latency-floor-ms", getattr(args, "health_latency_floor_ms", None), 0.0, 600_000.0, True, "milliseconds from 0 to 600000, e.g. 5"),
+        ("--health-min-results", getattr(args, "health_min_results", None), 0, 1_000_000, True, "a count from 0 to 1000000, e.g. 20"),
+    )  # fmt: skip
+    for option, value, low, high, low_ok, fix in checks:
+        if value is not None and not ((value >= low if low_ok else value > low) and value <= high):
+            raise FleetError(f"{option} {value:g} is out of range", f"give {fix}")
 
 
 def cmd_deploy(ctx: Ctx) -> int:
@@ -1175,6 +1393,7 @@ def cmd_deploy(ctx: Ctx) -> int:
             raise FleetError("--devices names no device", "give comma-separated device ids, e.g. --devices cam-1,cam-2")
     if args.group is not None:
         _check_group(ctx, args.group)
+    _check_health_options(args)
     target = _resolve_target(ctx, args.target)
     info = ctx.ops.create_rollout(
         target,
@@ -1185,10 +1404,12 @@ def cmd_deploy(ctx: Ctx) -> int:
         shadow_frames=args.shadow_frames,
         shadow_agreement=args.shadow_agreement,
         health_window_s=args.health_window,
+        health_latency_factor=args.health_latency_factor,
+        health_latency_floor_ms=args.health_latency_floor_ms,
+        health_min_results=args.health_min_results,
         rollback=args.rollback,
     )
     if args.wait:
-        info = ctx.ops.rollout(info["id"]) if "summary" in info else info
         info = _follow(ctx, info["id"], args.wait_timeout)
     if ctx.json:
         _print_json(info)
@@ -1196,6 +1417,8 @@ def cmd_deploy(ctx: Ctx) -> int:
         _print_rollout(info)
         if not args.wait and info["status"] not in ("aborted", "completed"):
             _console().print(f"`fleet serve` drives it; follow with `fleet rollout status {info['id']} --wait`")
+    if not args.wait and info["status"] not in ("aborted", "completed"):
+        _warn_if_no_server(ctx)
     return _rollout_exit(info)
 
 
@@ -1241,11 +1464,20 @@ def cmd_rollout(ctx: Ctx) -> int:
 
 
 def cmd_rollback(ctx: Ctx) -> int:
-    info = ctx.ops.rollback(ctx.args.rollout_id)
+    try:
+        _check_health_options(ctx.args)
+    except FleetError as exc:  # audited like every rollback (Operations.rollback audits the rest)
+        with contextlib.suppress(Exception):
+            ctx.audit("rollout.rollback", {"rollback_of": ctx.args.rollout_id}, ok=False, error=str(exc))
+        raise
+    info = ctx.ops.rollback(ctx.args.rollout_id, health_window_s=ctx.args.health_window)
+    if not ctx.json:
+        _console().print(f"rollback of {_esc(ctx.args.rollout_id)} started as rollout {_esc(info['id'])}")
+    if getattr(ctx.args, "wait", False):
+        info = _follow(ctx, info["id"], ctx.args.wait_timeout)
     if ctx.json:
         _print_json(info)
     else:
-        _console().print(f"rollback of {_esc(ctx.args.rollout_id)} started:")
         _print_rollout(info)
     return _rollout_exit(info)
 
@@ -1293,6 +1525,24 @@ def cmd_command(ctx: Ctx) -> int:
     return EXIT_OK if result["ok"] else EXIT_FAIL
 
 
+def _detail_text(detail: Any, limit: int = 100) -> str:
+    """An audit entry's detail as ``key=value`` words (lists space-separated), cut at ``limit`` characters."""
+    if not detail:
+        return ""
+    if not isinstance(detail, dict):
+        text = str(detail)
+    else:
+        parts = []
+        for key, value in detail.items():
+            if isinstance(value, list | tuple):
+                value = " ".join(map(str, value)) or "-"
+            elif not isinstance(value, str):
+                value = json.dumps(value, default=str, separators=(",", ":"))
+            parts.append(f"{key}={value}")
+        text = " ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def cmd_audit(ctx: Ctx) -> int:
     entries = ctx.registry.audit_log(limit=ctx.args.limit, action=ctx.args.action)
     if ctx.json:
@@ -1304,14 +1554,24 @@ def cmd_audit(ctx: Ctx) -> int:
             e["actor"],
             e["action"],
             _markup("[green]ok[/green]" if e["ok"] else "[red]failed[/red]"),
-            (json.dumps(e["detail"], default=str) if e["detail"] else "")[:120],
-            e["error"] or "",
+            e["error"] if not e["ok"] and e["error"] else _detail_text(e["detail"]),
         ]
         for e in entries
     ]
-    _console().print(
-        _table(f"audit (newest {len(entries)})", ["time", "actor", "action", "result", "detail", "error"], rows)
-    )
+    _console().print(_table(f"audit (newest {len(entries)})", ["time", "actor", "action", "result", "detail"], rows))
+    return EXIT_OK
+
+
+def cmd_quarantine(ctx: Ctx) -> int:
+    entries = ctx.registry.quarantined(limit=ctx.args.limit, device_id=ctx.args.device)
+    if ctx.json:
+        _print_json(entries)
+        return EXIT_OK
+    shown = [[e["device_id"], e["kind"], e["reason"], e["payload"][:120]] for e in entries]
+    printable = [["".join(c if c.isprintable() else ascii(c)[1:-1] for c in cell) for cell in row] for row in shown]
+    rows = [[_when(e["received_at"]), *row] for e, row in zip(entries, printable, strict=True)]
+    title = f"quarantine (newest {len(entries)})"
+    _console().print(_table(title, ["received", "device", "kind", "reason", "payload"], rows))
     return EXIT_OK
 
 
@@ -1347,9 +1607,10 @@ def _handler(args: argparse.Namespace) -> tuple[Handler, str | None]:
         "devices": (cmd_devices, None),
         "groups": (cmd_groups, None),
         "deploy": (cmd_deploy, "rollout.create"),
-        "rollback": (cmd_rollback, "rollout.rollback"),
+        "rollback": (cmd_rollback, None),  # Operations.rollback audits it (naming the rollout it undoes)
         "command": (cmd_command, f"command.{getattr(args, 'action', '')}"),
         "audit": (cmd_audit, None),
+        "quarantine": (cmd_quarantine, None),
         "targets": (cmd_targets, None if getattr(args, "targets_command", "list") == "list" else "targets.publish"),
     }
     return table[command]
@@ -1365,6 +1626,7 @@ def _audit_failure(ctx: Ctx | None, action: str | None, argv: Sequence[str], err
 
 def main(argv: list[str] | None = None) -> int:
     from agent import logging as agent_logging
+    from agent.hints import error_line
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -1378,8 +1640,8 @@ def main(argv: list[str] | None = None) -> int:
         return handler(ctx)
     except FleetError as exc:
         _audit_failure(ctx, action, argv, str(exc))
-        print(f"fleet: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        print(f"fleet: error: {error_line(exc)}", file=sys.stderr)  # one (fix: ...), however errors nest
+        return exc.exit_code
     except KeyboardInterrupt:
         print("fleet: interrupted", file=sys.stderr)
         return 130

@@ -41,12 +41,14 @@ from sqlalchemy.pool import StaticPool
 from agent.protocol import DEVICE_ID, EventPayload, StatusPayload
 from agent.protocol.update import UpdateStatus
 from fleet.errors import FleetError
+from fleet.ingest import safe_text
 
 T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 UNASSIGNED = "unassigned"
 COMMAND_SEQ = "command_seq"
+SERVER_HEARTBEAT = "server_heartbeat"  # counters row: epoch ms of the latest rollout tick of any server
 NO_PROGRESS = -1  # update_history.progress when a state carries none (NULLs never conflict in unique keys)
 _PG_MIGRATION_LOCK = 0x666C656574  # pg_advisory_xact_lock key: "fleet"
 
@@ -240,6 +242,19 @@ class Counter(Base):
     value: Mapped[int] = mapped_column(sa.BigInteger)
 
 
+class Quarantine(Base):
+    """Device messages that could not be stored faithfully (see fleet/ingest.py), kept with the reason."""
+
+    __tablename__ = "quarantine"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    received_at: Mapped[float] = mapped_column(sa.Double, index=True)
+    device_id: Mapped[str] = mapped_column(sa.String(128), index=True)  # no FK: unknown ids are quarantined too
+    kind: Mapped[str] = mapped_column(sa.String(16))
+    reason: Mapped[str] = mapped_column(sa.Text)
+    payload: Mapped[str] = mapped_column(sa.Text)  # ASCII-only JSON, cut to fleet.ingest.MAX_QUARANTINED
+
+
 def _t(model: type[Base]) -> sa.Table:
     return cast(sa.Table, model.__table__)
 
@@ -247,6 +262,8 @@ def _t(model: type[Base]) -> sa.Table:
 devices_t, groups_t, telemetry_t = _t(Device), _t(Group), _t(Telemetry)
 updates_t, events_t, marks_t, unknown_t = _t(UpdateHistory), _t(Event), _t(IngestMark), _t(UnknownDevice)
 audit_t, rollouts_t, commands_t, counters_t = _t(Audit), _t(Rollout), _t(Command), _t(Counter)
+quarantine_t = _t(Quarantine)
+QUARANTINE_KEEP = 10_000  # newest quarantined messages kept (and events_retention_s at most)
 
 
 # ---- results -------------------------------------------------------------------------------------
@@ -1054,7 +1071,8 @@ class Registry:
         return self._write(work)
 
     def prune(self, now: float | None = None) -> dict[str, int]:
-        """Apply retention: telemetry buckets and ingest marks, events (age and per-device cap), update history."""
+        """Apply retention: telemetry buckets and ingest marks, events (age and per-device cap), update history,
+        quarantined messages (age and ``QUARANTINE_KEEP``)."""
         now = time.time() if now is None else now
 
         def work(conn: Connection) -> dict[str, int]:
@@ -1069,6 +1087,12 @@ class Registry:
                     sa.delete(updates_t).where(updates_t.c.ts < now - self.history_retention_s)
                 ).rowcount,
             }
+            q = quarantine_t
+            removed["quarantine"] = conn.execute(
+                sa.delete(q).where(q.c.received_at < now - self.events_retention_s)
+            ).rowcount
+            newest = sa.select(q.c.id).order_by(q.c.id.desc()).offset(QUARANTINE_KEEP).limit(1).scalar_subquery()
+            removed["quarantine"] += conn.execute(sa.delete(q).where(q.c.id <= newest)).rowcount
             e = events_t
             ranked = sa.select(
                 e.c.id,
@@ -1081,6 +1105,58 @@ class Registry:
             return removed
 
         return self._write(work)
+
+    # ---- quarantine -------------------------------------------------------------------------------
+
+    def quarantine(self, messages: Iterable[Mapping[str, Any]], now: float | None = None) -> int:
+        """Keep device messages that cannot be ingested: each a mapping of ``device_id``, ``kind``, ``reason``,
+        ``payload`` (ASCII text, see ``fleet.ingest.quarantine_text``) and optionally ``received_at``. One audit entry
+        per device and call names how many and the first reason. Returns how many were kept."""
+        now = time.time() if now is None else now
+        rows = [
+            {
+                "received_at": float(m.get("received_at") or now),
+                "device_id": safe_text(str(m["device_id"]))[:128],
+                "kind": safe_text(str(m["kind"]))[:16],
+                "reason": safe_text(str(m["reason"]))[:1000],
+                "payload": safe_text(str(m["payload"])),
+            }
+            for m in messages
+        ]
+        if not rows:
+            return 0
+        per_device: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            per_device.setdefault(row["device_id"], []).append(row)
+
+        def work(conn: Connection) -> int:
+            conn.execute(sa.insert(quarantine_t), rows)
+            conn.execute(
+                sa.insert(audit_t),
+                [
+                    {
+                        "ts": now,
+                        "actor": f"device:{device}"[:128],
+                        "action": "device.message_quarantined",
+                        "detail": {"count": len(kept), "kinds": sorted({r["kind"] for r in kept})},
+                        "ok": False,
+                        "error": kept[0]["reason"],
+                    }
+                    for device, kept in sorted(per_device.items())
+                ],
+            )
+            return len(rows)
+
+        return self._write(work)
+
+    def quarantined(self, limit: int = 100, device_id: str | None = None) -> list[dict[str, Any]]:
+        """Quarantined messages, newest first."""
+        q = quarantine_t
+        stmt = sa.select(q).order_by(q.c.id.desc()).limit(limit)
+        if device_id is not None:
+            stmt = stmt.where(q.c.device_id == device_id)
+        with self._read() as conn:
+            return [dict(r) for r in conn.execute(stmt).mappings()]
 
     # ---- audit ------------------------------------------------------------------------------------
 
@@ -1117,6 +1193,26 @@ class Registry:
             stmt = stmt.where(a.c.actor == actor)
         with self._read() as conn:
             return [dict(r) for r in conn.execute(stmt).mappings()]
+
+    # ---- server heartbeat -----------------------------------------------------------------------
+
+    def server_heartbeat(self, now: float | None = None) -> None:
+        """Note that a fleet server is driving rollouts (called on every rollout tick by `fleet serve`)."""
+        value = int((time.time() if now is None else now) * 1000)
+        c = counters_t
+
+        def work(conn: Connection) -> None:
+            stmt = self._insert(c).values(name=SERVER_HEARTBEAT, value=value)
+            conn.execute(stmt.on_conflict_do_update(index_elements=["name"], set_={"value": value}))
+
+        self._write(work)
+
+    def last_server_heartbeat(self) -> float | None:
+        """When a fleet server last drove rollouts (epoch seconds), or None when none ever has."""
+        c = counters_t
+        with self._read() as conn:
+            value = conn.execute(sa.select(c.c.value).where(c.c.name == SERVER_HEARTBEAT)).scalar_one_or_none()
+        return None if value is None else value / 1000.0
 
     # ---- commands -------------------------------------------------------------------------------
 
@@ -1329,6 +1425,58 @@ def _unreachable(url: sa.URL, error: BaseException) -> FleetError:
         f"cannot connect to the fleet database {shown}: {reason}",
         "check that PostgreSQL runs and the URL's host, port, user, password and database name are right",
     )
+
+
+def ensure_database(url: str, connect_timeout_s: int = 5) -> bool:
+    """Create the PostgreSQL database ``url`` names when it does not exist yet (True: created here); nothing for
+    SQLite (the file is created on first use). FleetError naming the database and the command that creates it when
+    the server does not let this user create it."""
+    try:
+        parsed = make_url(url)
+    except exc.ArgumentError:
+        return False  # _make_engine names the problem
+    if parsed.get_backend_name() not in ("postgresql", "postgres") or not parsed.database:
+        return False
+    import psycopg
+    from psycopg import sql
+
+    params: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "host": parsed.host,
+            "port": parsed.port,
+            "user": parsed.username,
+            "password": parsed.password,
+        }.items()
+        if v is not None
+    }
+    params |= {k: v for k, v in parsed.query.items() if isinstance(v, str)}
+    params["connect_timeout"] = connect_timeout_s
+    name = parsed.database
+    try:
+        psycopg.connect(dbname=name, **params).close()
+        return False
+    except psycopg.OperationalError as error:
+        if "does not exist" not in str(error) or f'"{name}"' not in str(error):
+            return False  # unreachable server, bad password...: Registry names it
+    where = f"{parsed.host or 'localhost'}:{parsed.port or 5432}"
+    command = "createdb" + "".join(
+        f" {flag} {value}"
+        for flag, value in (("-h", parsed.host), ("-p", parsed.port), ("-U", parsed.username))
+        if value
+    )
+    try:
+        with psycopg.connect(dbname="postgres", autocommit=True, **params) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    except psycopg.errors.DuplicateDatabase:
+        return False  # another `fleet init` made it meanwhile
+    except psycopg.Error as error:
+        raise FleetError(
+            f"the PostgreSQL database {name!r} does not exist on {where} and cannot be created here "
+            f"({_first_line(error)})",
+            f"create it as a user who may: `{command} {name}`, then run `fleet init` again",
+        ) from None
+    return True
 
 
 def _enable_wal(cursor: Any, deadline: float) -> None:

@@ -27,6 +27,7 @@ from fleet.repository import Repository
 log = structlog.get_logger(__name__)
 ACTIVE = ("created", "running", "paused")
 DEVICE_COMMANDS = ("restart", "reload", "set", "diagnostics")
+AGENT_HEALTH_MIN_RESULTS = 20  # the agent's [update].health_min_results default (agent/config.py)
 
 
 class Operations:
@@ -87,10 +88,19 @@ class Operations:
         shadow_frames: int = 0,
         shadow_agreement: float = 0.9,
         health_window_s: float | None = None,
+        health_latency_factor: float | None = None,
+        health_latency_floor_ms: float | None = None,
+        health_min_results: int | None = None,
         rollback: bool = False,
         rollout_id: str | None = None,
+        rollback_of: str | None = None,
     ) -> dict[str, Any]:
-        """Start a rollout of ``target`` to a group or a device list; returns its summary."""
+        """Start a rollout of ``target`` to a group or a device list; returns its summary.
+
+        Refused (FleetError, with the arithmetic) when ``health_window_s`` is too short for a device's result rate
+        (its latest telemetry) to give ``health_min_results`` results (default: the agent's). Devices that report
+        running the target already count as done at once. ``rollback_of``: this is ``fleet rollback`` of that
+        rollout (audited as ``rollout.rollback``)."""
         known = {t.path: t for t in self.repository.targets()}
         if target not in known:
             listed = ", ".join(sorted(known)) or "none"
@@ -113,24 +123,47 @@ class Operations:
                 raise FleetError(
                     f"unknown device(s): {', '.join(missing)}", "see `fleet devices` for the devices that exist"
                 )
+        registered = {d["id"]: d for d in self.registry.devices()}
+        info = known[target]
+        before = {d: (registered.get(d) or {}).get("models", {}).get(pipeline) for d in ids}
+        running = [d for d in ids if runs_target(before[d], info)]
+        if health_window_s is not None:  # judged on the devices that will run the window
+            min_results = health_min_results if health_min_results is not None else AGENT_HEALTH_MIN_RESULTS
+            rates = {d: (registered.get(d) or {}).get("fps") for d in ids if d not in running}
+            shortfall = engine.health_window_shortfall(health_window_s, min_results, rates)
+            if shortfall is not None:
+                raise FleetError(*shortfall)
         online = {d["id"] for d in self.registry.devices(online=True)}
+        now = time.time()
         rollout_id = rollout_id or f"r-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         state = engine.new_rollout(rollout_id, target, ids, policy, online=online)
+        for device in running:
+            state, _ = engine.step(state, engine.AlreadyRunning(device, now))
         deploy = {
             "pipeline": pipeline,
             "shadow_frames": shadow_frames,
             "shadow_agreement": shadow_agreement,
             "health_window_s": health_window_s,
+            "health_latency_factor": health_latency_factor,
+            "health_latency_floor_ms": health_latency_floor_ms,
+            "health_min_results": health_min_results,
             "rollback": rollback,
+            "rollback_of": rollback_of,
             "group": group,
+            # what each device reported running before (the rollback of this rollout goes back to it)
+            "before": {d: m for d, m in before.items() if isinstance(m, dict)},
         }
         version = self.registry.save_rollout(
             rollout_id, target, {"policy": asdict(policy), "deploy": deploy}, engine.to_dict(state), state.status
         )
-        self.registry.record_audit(
-            self.actor, "rollout.create", {"id": rollout_id, "target": target, "devices": len(ids), "group": group}
-        )
-        self.apply(rollout_id, engine.Start(time.time()), expect_version=version)
+        detail: dict[str, Any] = {"id": rollout_id, "target": target, "devices": len(ids), "group": group}
+        if running:
+            detail["already_running"] = running
+        if rollback_of is not None:
+            self.registry.record_audit(self.actor, "rollout.rollback", detail | {"rollback_of": rollback_of})
+        else:
+            self.registry.record_audit(self.actor, "rollout.create", detail)
+        self.apply(rollout_id, engine.Start(now), expect_version=version)
         return self.rollout(rollout_id)
 
     def rollout(self, rollout_id: str) -> dict[str, Any]:
@@ -165,8 +198,19 @@ class Operations:
         self.apply(rollout_id, event)
         return self.rollout(rollout_id)
 
-    def rollback(self, rollout_id: str) -> dict[str, Any]:
-        """A new rollout, marked as an explicit signed rollback, of the version the committed devices ran before."""
+    def rollback(self, rollout_id: str, *, health_window_s: float | None = None) -> dict[str, Any]:
+        """A new rollout, marked as an explicit signed rollback, of the version the committed devices ran before
+        (audited as ``rollout.rollback`` naming ``rollout_id``, success and failure alike). The health window is
+        ``health_window_s``, else the original rollout's (with its other health settings)."""
+        try:
+            return self._rollback(rollout_id, health_window_s)
+        except FleetError as exc:
+            self.registry.record_audit(
+                self.actor, "rollout.rollback", {"rollback_of": rollout_id}, ok=False, error=str(exc)
+            )
+            raise
+
+    def _rollback(self, rollout_id: str, health_window_s: float | None) -> dict[str, Any]:
         row = self.registry.load_rollout(rollout_id)
         if row is None:
             raise FleetError(f"unknown rollout {rollout_id!r}", "see `fleet rollout list`")
@@ -174,29 +218,110 @@ class Operations:
         devices = engine.rollback_plan(state)
         if not devices:
             raise FleetError(f"rollout {rollout_id} has no committed devices to roll back", "nothing to do")
-        previous = self._previous_target(devices, rollout_id)
-        if previous is None:
-            raise FleetError(
-                f"cannot tell which version the devices of {rollout_id} ran before",
-                "deploy the wanted target explicitly with `fleet deploy TARGET --devices ... --rollback`",
-            )
-        policy = engine.RolloutPolicy(**row["policy"]["policy"])
         deploy = row["policy"].get("deploy", {})
+        pipeline = deploy.get("pipeline", "main")
+        previous = self._previous_target(rollout_id, devices, deploy)
+        policy = engine.RolloutPolicy(**row["policy"]["policy"])
         return self.create_rollout(
-            previous, devices=devices, pipeline=deploy.get("pipeline", "main"), policy=policy, rollback=True
+            previous,
+            devices=devices,
+            pipeline=pipeline,
+            policy=policy,
+            rollback=True,
+            rollback_of=rollout_id,
+            health_window_s=health_window_s if health_window_s is not None else deploy.get("health_window_s"),
+            health_latency_factor=deploy.get("health_latency_factor"),
+            health_latency_floor_ms=deploy.get("health_latency_floor_ms"),
+            health_min_results=deploy.get("health_min_results"),
         )
 
-    def _previous_target(self, devices: list[str], rollout_id: str) -> str | None:
+    def _previous_target(self, rollout_id: str, devices: list[str], deploy: dict[str, Any]) -> str:
+        """The target path of what ``devices`` ran before rollout ``rollout_id``: what they reported running when it
+        was created (name, version, model sha256), else the ``from_version`` of their committed update. A model
+        never published is found among the agent's built-in samples by its hash and published; otherwise the
+        FleetError says exactly what to publish."""
+        before: dict[str, Any] = deploy.get("before") or {}
+        ran: dict[tuple[str | None, str, str | None], list[str]] = {}
+        unknown: list[str] = []
         for device in devices:
-            info = self.registry.device(device, updates=200, telemetry=0, events=0) or {}
-            for update in info.get("updates", []):
-                if update.get("command_id") == rollout_id and update.get("state") == "committed":
-                    from_version = (update.get("detail") or {}).get("from_version")
-                    name = (update.get("detail") or {}).get("name")
-                    for target in self.repository.targets():
-                        if target.version == from_version and (name is None or target.name == name):
-                            return target.path
+            model = before.get(device)
+            if isinstance(model, dict) and model.get("version"):
+                key = (model.get("name"), str(model["version"]), model.get("sha256") or None)
+            else:
+                key = self._from_history(device, rollout_id)
+            if key is None:
+                unknown.append(device)
+            else:
+                ran.setdefault(key, []).append(device)
+        if unknown or not ran:
+            raise FleetError(
+                f"cannot tell which version {', '.join(unknown or devices)} ran before {rollout_id}: the devices "
+                "reported no model before it and no update of it names the version it replaced",
+                "deploy the wanted target explicitly with `fleet deploy TARGET --devices ... --rollback`",
+            )
+        if len(ran) > 1:
+            listed = "; ".join(f"{n or '?'} {v}: {', '.join(ds)}" for (n, v, _), ds in ran.items())
+            raise FleetError(
+                f"the devices of {rollout_id} ran different versions before it ({listed})",
+                "roll each set back with `fleet deploy NAME@VERSION --devices ... --rollback`",
+            )
+        ((name, version, sha256),) = ran
+        for target in self.repository.targets():
+            if target.version == version and (name is None or target.name == name):
+                return target.path
+            if sha256 and target.model_sha256 == sha256 and target.version == version:
+                return target.path
+        return self._publish_sample(name, version, sha256, rollout_id)
+
+    def _from_history(self, device: str, rollout_id: str) -> tuple[str | None, str, str | None] | None:
+        info = self.registry.device(device, updates=200, telemetry=0, events=0) or {}
+        for update in info.get("updates", []):
+            if update.get("command_id") == rollout_id and update.get("state") == "committed":
+                from_version = (update.get("detail") or {}).get("from_version")
+                if from_version:
+                    return None, str(from_version), None
         return None
+
+    def _publish_sample(self, name: str | None, version: str, sha256: str | None, rollout_id: str) -> str:
+        """Publish the agent's built-in sample the devices ran first (found by model hash); FleetError naming what
+        to publish when it is not one."""
+        from fleet.bundles import archive_for_publish, sample_models
+
+        what = f"{name or 'the model'} {version}" + (f" (model sha256 {sha256[:16]}...)" if sha256 else "")
+        sample = next((s for s in sample_models() if sha256 and s.model_sha256 == sha256), None)
+        if sample is None or sample.version != version:
+            raise FleetError(
+                f"the devices ran {what} before {rollout_id}, and it was never published",
+                f"publish that bundle (`fleet bundle publish {name or 'NAME'}-{version}.tar.gz`, built from the same "
+                f"model file), then run `fleet rollback {rollout_id}` again",
+            )
+        import tempfile
+        from pathlib import Path
+
+        target_path = f"{sample.name}/{sample.name}-{sample.version}.tar.gz"
+        with tempfile.TemporaryDirectory(prefix="fleet-rollback-") as tmp:
+            archive = archive_for_publish(sample.path, Path(tmp))
+            change = self.repository.add_target(
+                archive,
+                target_path,
+                name=sample.name,
+                version=sample.version,
+                hardware=[],
+                task=None,
+                input_kind=sample.input_kind,
+                model_sha256=sample.model_sha256,
+            )
+        self.registry.record_audit(
+            self.actor,
+            "bundle.publish",
+            {"target": target_path, "sample": str(sample.path), "reason": f"rollback of {rollout_id}"},
+        )
+        if change.staged:
+            raise FleetError(
+                f"{target_path} (the agent's sample the devices ran first) is staged: the targets key is offline",
+                f"sign it (`fleet keys sign --key PEM`, `fleet keys publish`), then run `fleet rollback {rollout_id}` again",
+            )
+        return target_path
 
     def apply(self, rollout_id: str, event: Any, *, expect_version: int | None = None, attempts: int = 5) -> bool:
         """Step a rollout with ``event``, save it (retrying on concurrent changes), then carry out its actions."""
@@ -301,6 +426,11 @@ class Operations:
         }
         if deploy.get("health_window_s"):
             signed["health_window_s"] = float(deploy["health_window_s"])
+        for key in ("health_latency_factor", "health_latency_floor_ms"):
+            if deploy.get(key) is not None:
+                signed[key] = float(deploy[key])
+        if deploy.get("health_min_results") is not None:
+            signed["health_min_results"] = int(deploy["health_min_results"])
         envelope = self.repository.sign_command(signed)
         self.registry.record_command(seq, rollout.id, device, "deploy", envelope, now, signed["expires"])
         info = self.link.publish(deploy_topic(self.topics(device)), json.dumps(envelope).encode(), qos=1, retain=True)
@@ -373,6 +503,15 @@ class Operations:
                     return None
                 self._ack_cond.wait(left)
             return self._acks.pop(command_id)
+
+
+def runs_target(model: Any, target: Any) -> bool:
+    """Whether a device's reported model (status ``models[pipeline]``: name, version, sha256) is ``target`` (a
+    ``TargetInfo``): same version, and the same name or model hash."""
+    if not isinstance(model, dict) or str(model.get("version")) != target.version:
+        return False
+    same_hash = bool(target.model_sha256) and model.get("sha256") == target.model_sha256
+    return model.get("name") == target.name or same_hash
 
 
 def _user() -> str:

@@ -3,9 +3,12 @@
 Two kinds of credentials:
 
 * ``password``: a random password; its PBKDF2-SHA512 hash (Mosquitto's ``$7$`` format) goes into the Mosquitto
-  password file and ACL lines into the ACL file (``user <id>``, ``topic readwrite edge/<id>/#``,
-  ``topic read fleet/targets/#`` for the chunk fan-out). Both files are replaced atomically; Mosquitto reads them
-  again on SIGHUP (``systemctl reload mosquitto``).
+  password file and ACL lines into the ACL file (``user <id>``, then least privilege: ``topic read`` on what only
+  the fleet writes to the device (``update/deploy``, ``update/file``, ``cmd/#``, the ``predict`` requests and the
+  shared ``fleet/targets/#`` chunks), ``topic write`` on what the device publishes (status, telemetry, results,
+  events, ack, update requests and states, prediction replies)). Both files are replaced atomically, mode 0640 with
+  the group of the broker's user (``mosquitto``: Mosquitto 2 reads them after dropping privileges); Mosquitto reads
+  them again on SIGHUP (``systemctl reload mosquitto``).
 * ``certificate``: a client certificate (CN = device id; Mosquitto's ``use_identity_as_username``) from the fleet CA
   under ``<data_dir>/ca/`` (created on first use). The same ACL lines apply to the certificate's identity.
 
@@ -21,14 +24,23 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.protocol import DEVICE_ID
-from agent.protocol.update import FLEET_PREFIX
+from agent.protocol import DEVICE_ID, Topics
+from agent.protocol.update import (
+    FLEET_PREFIX,
+    chunk_request_topic,
+    deploy_topic,
+    fetch_topic,
+    file_topic,
+    update_state_topic,
+    update_status_topic,
+)
 from fleet.config import FleetConfig
 from fleet.db import Registry
 from fleet.errors import FleetError
@@ -38,6 +50,7 @@ from fleet.repository import Repository
 CREDENTIALS = ("password", "certificate")
 INSTALL_DIR = "/etc/edge-agent"
 DEFAULT_FLEET_USER = "fleet"
+BROKER_USER = "mosquitto"  # the user (and group) Mosquitto 2 drops privileges to
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes
 _ACL_HEADER = (
     "# Mosquitto ACL file managed by `fleet device provision` (one block per user; edit the fleet's own block\n"
@@ -101,29 +114,96 @@ def mosquitto_verify(password: str, hashed: str) -> bool:
     return False
 
 
+_BROKER_FILE_FIX = (
+    "run as a user who may write it, or point [provision] password_file / acl_file in fleet.toml elsewhere"
+)
+
+
+def _read_broker_file(path: Path) -> str | None:
+    """The text of a Mosquitto password or ACL file; None when it does not exist yet."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise FleetError(f"cannot read the broker file {path}: {reason}", _BROKER_FILE_FIX) from None
+
+
 def read_password_file(path: Path) -> dict[str, str]:
     """``{user: hash}`` of a Mosquitto password file (empty when it does not exist)."""
     entries: dict[str, str] = {}
-    with contextlib.suppress(FileNotFoundError):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip() and not line.lstrip().startswith("#") and ":" in line:
-                user, hashed = line.split(":", 1)
-                entries[user] = hashed.strip()
+    for line in (_read_broker_file(path) or "").splitlines():
+        if line.strip() and not line.lstrip().startswith("#") and ":" in line:
+            user, hashed = line.split(":", 1)
+            entries[user] = hashed.strip()
     return entries
 
 
-def _write_keeping_owner(path: Path, data: bytes, default_mode: int) -> None:
-    """Replace ``path`` atomically, keeping the mode and group of the file it replaces (Mosquitto, which reads it
-    after dropping privileges, is usually given read access through the group)."""
+def _broker_ids() -> tuple[int | None, int | None]:
+    """(uid, gid) of the broker's user and group (``mosquitto``); None where this system has none."""
+    uid = gid = None
+    with contextlib.suppress(ImportError, KeyError):
+        import pwd
+
+        uid = pwd.getpwnam(BROKER_USER).pw_uid
+    with contextlib.suppress(ImportError, KeyError):
+        import grp
+
+        gid = grp.getgrnam(BROKER_USER).gr_gid
+    return uid, gid
+
+
+def _broker_reads(st: os.stat_result, uid: int | None, gid: int | None, bit: int) -> bool:
+    """Whether the broker's user has permission ``bit`` (4 read, 1 search) on a file with status ``st``."""
+    if uid is not None and st.st_uid == uid:
+        return bool(st.st_mode & (bit << 6))
+    if gid is not None and st.st_gid == gid:
+        return bool(st.st_mode & (bit << 3))
+    return bool(st.st_mode & bit)
+
+
+def broker_access_note(path: Path) -> str | None:
+    """None when the broker's user can read ``path``, else one line saying what to run so that it can."""
+    uid, gid = _broker_ids()
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if not _broker_reads(st, uid, gid, 4):
+        return (
+            f"Mosquitto (user {BROKER_USER}) cannot read {path}: run `sudo chown root:{BROKER_USER} {path}` "
+            f"(or the group the broker runs as) and `sudo chmod 0640 {path}`"
+        )
+    for parent in path.resolve().parents:
+        try:
+            pst = parent.stat()
+        except OSError:
+            break
+        if not _broker_reads(pst, uid, gid, 1):
+            return f"Mosquitto (user {BROKER_USER}) cannot enter {parent}: run `sudo chmod o+x {parent}`"
+    return None
+
+
+def _write_broker_file(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically, readable by the broker's user: mode 0640 (group read kept or added) and the group
+    ``mosquitto`` when the file is new or owned by root's or our own group (an administrator's group is kept).
+    Whether the broker can read the result is checked with ``broker_access_note``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         st = path.stat()
-        mode, gid = st.st_mode & 0o777, st.st_gid
+        mode, gid = (st.st_mode & 0o777) | 0o040, st.st_gid
     except FileNotFoundError:
-        mode, gid = default_mode, None
-    write_atomic(path, data, mode=mode)
+        mode, gid = 0o640, None
+    broker_gid = _broker_ids()[1]
+    if broker_gid is not None and (gid is None or gid in (0, os.getegid())):
+        gid = broker_gid
+    try:
+        write_atomic(path, data, mode=mode)
+    except OSError as exc:
+        raise FleetError(f"cannot write the broker file {path}: {exc.strerror}", _BROKER_FILE_FIX) from None
     if gid is not None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # not ours to give: broker_access_note says what to run
             os.chown(path, -1, gid)
 
 
@@ -131,17 +211,16 @@ def set_password(path: Path, user: str, hashed: str) -> None:
     """Add or replace ``user``'s line in a Mosquitto password file (atomically; other lines kept in order)."""
     lines: list[str] = []
     replaced = False
-    with contextlib.suppress(FileNotFoundError):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.split(":", 1)[0] == user and ":" in line:
-                if not replaced:
-                    lines.append(f"{user}:{hashed}")
-                    replaced = True
-                continue
-            lines.append(line)
+    for line in (_read_broker_file(path) or "").splitlines():
+        if line.split(":", 1)[0] == user and ":" in line:
+            if not replaced:
+                lines.append(f"{user}:{hashed}")
+                replaced = True
+            continue
+        lines.append(line)
     if not replaced:
         lines.append(f"{user}:{hashed}")
-    _write_keeping_owner(path, ("\n".join(lines) + "\n").encode(), 0o640)
+    _write_broker_file(path, ("\n".join(lines) + "\n").encode())
 
 
 # ---- Mosquitto ACL file ----------------------------------------------------------------------------------
@@ -153,19 +232,48 @@ def topic_root(device_prefix: str) -> str:
     return head if not head or head.endswith("/") else head.rsplit("/", 1)[0] + "/"
 
 
-def device_acl(device_id: str, device_prefix: str, comment: str = "") -> list[str]:
-    """ACL lines confining a device to its own topics (and read access to the shared target chunks)."""
+def device_topics(device_id: str, device_prefix: str) -> tuple[list[str], list[str]]:
+    """(topic filters the device may read, topics it may write) under least privilege.
+
+    Read only: what the fleet (or an IoT backend) writes to the device: its deployment, metadata responses, signed
+    commands, prediction requests and the shared target chunks. Write only: what the device publishes (the agent's
+    topics in ``agent.protocol``). Prediction replies under the device's prefix go to ``predict/reply`` (or below).
+    """
     prefix = device_prefix.format(device_id=device_id)
-    if not prefix.endswith("/"):
-        prefix += "/"
+    topics = Topics(prefix if prefix.endswith("/") else prefix + "/")
+    reads = [
+        deploy_topic(topics),
+        file_topic(topics),
+        topics.prefix + "cmd/#",
+        topics.predict,
+        f"{FLEET_PREFIX}targets/#",
+        "homeassistant/status",  # Home Assistant's birth message: discovery is sent again
+    ]
+    node = re.sub(r"[^A-Za-z0-9_-]", "_", device_id)  # agent.protocol.discovery_topic's node id
+    writes = [
+        topics.status,
+        topics.telemetry,
+        topics.events,
+        topics.ack,
+        topics.prefix + "results/#",
+        fetch_topic(topics),
+        chunk_request_topic(topics),
+        update_status_topic(topics),
+        update_state_topic(topics, "#"),
+        topics.predict_reply + "/#",
+        f"homeassistant/+/{node}/#",
+    ]
+    return reads, writes
+
+
+def device_acl(device_id: str, device_prefix: str, comment: str = "") -> list[str]:
+    """ACL lines confining a device to its own topics: it reads what the fleet writes to it and writes its own."""
     lines = [f"user {device_id}"]
     if comment:
         lines.append(f"# {comment}")
-    lines += [
-        f"topic readwrite {prefix}#",
-        f"topic read {FLEET_PREFIX}targets/#",
-        f"topic write homeassistant/+/{device_id}/#",
-    ]
+    reads, writes = device_topics(device_id, device_prefix)
+    lines += [f"topic read {t}" for t in reads]
+    lines += [f"topic write {t}" for t in writes]
     return lines
 
 
@@ -191,19 +299,18 @@ def _acl_blocks(text: str) -> tuple[list[str], dict[str, list[str]]]:
     return preamble, blocks
 
 
-def update_acl(path: Path, device_block: Sequence[str], fleet_user: str, fleet_lines: Sequence[str]) -> None:
-    """Write the device's block (replacing an older one) and make sure the fleet user's block has
+def update_acl(path: Path, device_block: Sequence[str] | None, fleet_user: str, fleet_lines: Sequence[str]) -> None:
+    """Write the device's block (replacing an older one; None: no device) and make sure the fleet user's block has
     ``fleet_lines``; other blocks and the preamble are kept. Atomic."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    text = _read_broker_file(path)
+    if text is None:
         text = _ACL_HEADER
     preamble, blocks = _acl_blocks(text)
     fleet = [ln for ln in blocks.get(fleet_user, [f"user {fleet_user}"]) if ln.strip()]
     fleet += [ln for ln in fleet_lines if ln not in fleet]
     blocks[fleet_user] = fleet
-    device_user = device_block[0].split()[1]
-    blocks[device_user] = list(device_block)
+    if device_block is not None:
+        blocks[device_block[0].split()[1]] = list(device_block)
     order = [fleet_user] + [u for u in blocks if u != fleet_user]
     out = list(preamble)
     while out and not out[-1].strip():
@@ -213,7 +320,7 @@ def update_acl(path: Path, device_block: Sequence[str], fleet_user: str, fleet_l
         while lines and not lines[-1].strip():
             lines.pop()
         out += ["", *lines]
-    _write_keeping_owner(path, ("\n".join(out).lstrip("\n") + "\n").encode(), 0o640)
+    _write_broker_file(path, ("\n".join(out).lstrip("\n") + "\n").encode())
 
 
 # ---- fleet CA ----------------------------------------------------------------------------------------------
@@ -299,13 +406,13 @@ def agent_toml(
     if device_prefix != "edge/{device_id}/":
         lines.append(f"topic_prefix = {_q(device_prefix)}")
     if credentials == "password":
-        lines += [f"username = {_q(device_id)}", f"password_file = {_q(install_dir + '/password')}"]
+        lines += [f"username = {_q(device_id)}", 'password_file = "password"  # beside this file']
     if credentials == "certificate" or tls_ca:
-        lines += ["", "[mqtt.tls]", f"ca = {_q(install_dir + '/ca.crt')}  # verifies the broker"]
+        lines += ["", "[mqtt.tls]", 'ca = "ca.crt"  # beside this file; verifies the broker']
         if credentials == "certificate":
             lines += [
-                f"cert = {_q(install_dir + '/client.crt')}  # CN = {device_id}: the broker's username for this device",
-                f"key = {_q(install_dir + '/client.key')}",
+                f'cert = "client.crt"  # CN = {device_id}: the broker\'s username for this device',
+                'key = "client.key"',
             ]
     lines += [
         "",
@@ -350,7 +457,9 @@ it over a trusted channel and delete this directory once the device is installed
 
 On the device, from a checkout (or release archive) of edge-agent:
 
-1. Install the agent and its systemd service without starting it (creates the `edge-agent` user):
+1. Install the agent and its systemd service without starting it (creates the `edge-agent` user). Its default
+   extras include `update`, which this agent.toml needs (signed updates and device commands); with `--extras`,
+   keep `mqtt,update` in the list:
 
        sudo systemd/install.sh --no-start
 
@@ -434,8 +543,12 @@ def provision_device(
         if kind == "password":
             secret = (directory / "password").read_text(encoding="utf-8").strip()
             set_password(password_file, device_id, mosquitto_hash(secret))
-            _ensure_fleet_password(config, password_file, fleet_user, result)
+            _ensure_fleet_password(config, password_file, fleet_user, result.notes)
         update_acl(acl_file, block, fleet_user, fleet_acl_lines(config.broker.device_prefix))
+        for path in (password_file, acl_file) if kind == "password" else (acl_file,):
+            note = broker_access_note(path)
+            if note:
+                result.notes.append(note)
     except BaseException:
         if existing is None:
             registry.remove_device(device_id)
@@ -447,22 +560,82 @@ def provision_device(
     return result
 
 
-def _ensure_fleet_password(config: FleetConfig, password_file: Path, user: str, result: ProvisionResult) -> None:
-    """Put the fleet's own broker user in the password file when fleet.toml knows its password."""
+def _ensure_fleet_password(config: FleetConfig, password_file: Path, user: str, notes: list[str]) -> bool:
+    """Put the fleet's own broker user in the password file when fleet.toml knows its password (True when it is
+    there now); otherwise a note says what to do."""
     try:
         password = config.broker_password()
     except FleetError as exc:
-        result.notes.append(f"the fleet's broker password is unreadable ({exc.problem}); add user {user} yourself")
-        return
+        notes.append(f"the fleet's broker password is unreadable ({exc.problem}); add user {user} yourself")
+        return False
     if not config.broker.username or not password:
-        result.notes.append(
-            f"fleet.toml names no broker username/password for the fleet itself: add user {user!r} to {password_file} "
-            "(mosquitto_passwd) and set [broker].username and password_file"
+        notes.append(
+            f"fleet.toml names no broker username/password for the fleet itself: set [broker].username and "
+            f"password_file in fleet.toml and run `fleet init` again (it adds user {user!r} to {password_file}), "
+            f"or add it yourself with `mosquitto_passwd {password_file} {user}`"
         )
-        return
+        return False
     current = read_password_file(password_file).get(user)
     if current is None or not mosquitto_verify(password, current):
         set_password(password_file, user, mosquitto_hash(password))
+    return True
+
+
+@dataclass
+class BrokerSetup:
+    """The fleet's own broker user in the Mosquitto password and ACL files (``fleet init``)."""
+
+    user: str
+    password_file: Path
+    acl_file: Path
+    password_added: bool  # the user's password is in the password file
+    acl_written: bool  # the user's block is in the ACL file
+    broker_conf: list[str]
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "user": self.user,
+            "password_file": str(self.password_file),
+            "acl_file": str(self.acl_file),
+            "password_added": self.password_added,
+            "acl_written": self.acl_written,
+            "broker_conf": self.broker_conf,
+            "notes": self.notes,
+        }
+
+
+def ensure_fleet_user(config: FleetConfig) -> BrokerSetup:
+    """Put the fleet's own broker user (``[broker].username``, default ``fleet``) in the Mosquitto ACL file (read and
+    write on every device's tree, write on ``fleet/``) and, when fleet.toml gives its password, in the password
+    file. Notes say what is left to do (no password known, files the broker cannot read)."""
+    data = config.data
+    password_file = Path(config.provision.password_file or data / "mosquitto" / "passwd")
+    acl_file = Path(config.provision.acl_file or data / "mosquitto" / "acl")
+    user = config.broker.username or DEFAULT_FLEET_USER
+    notes: list[str] = []
+    added = written = False
+    try:
+        if config.provision.credentials == "password" or config.broker.username:
+            added = _ensure_fleet_password(config, password_file, user, notes)
+        update_acl(acl_file, None, user, fleet_acl_lines(config.broker.device_prefix))
+        written = True
+    except FleetError as exc:  # the rest of `fleet init` stands; say what to do about the broker files
+        notes.append(f"{exc.problem} ({exc.fix}); then run `fleet init` again")
+    for path in [p for p, done in ((password_file, added), (acl_file, written)) if done]:
+        note = broker_access_note(path)
+        if note:
+            notes.append(note)
+    kind = config.provision.credentials if config.provision.credentials in CREDENTIALS else "password"
+    return BrokerSetup(
+        user=user,
+        password_file=password_file,
+        acl_file=acl_file,
+        password_added=added,
+        acl_written=written,
+        broker_conf=_broker_conf(kind, password_file, acl_file, data / "ca" / "ca.crt"),
+        notes=notes,
+    )
 
 
 def _write_device(

@@ -68,6 +68,8 @@ class TargetInfo:
     task: str | None
     length: int
     sha256: str
+    input_kind: str | None = None  # the bundle's [input] kind (image, tensor, timeseries); None: published before
+    model_sha256: str | None = None  # sha256 of the model file in the bundle: what devices report they run
 
     @classmethod
     def from_target_file(cls, target: TargetFile) -> TargetInfo:
@@ -81,6 +83,8 @@ class TargetInfo:
             task=edge.get("task"),
             length=target.length,
             sha256=target.hashes.get("sha256", ""),
+            input_kind=edge.get("input") if isinstance(edge.get("input"), str) else None,
+            model_sha256=edge.get("model_sha256") if isinstance(edge.get("model_sha256"), str) else None,
         )
 
 
@@ -461,9 +465,12 @@ class Repository:
         version: str,
         hardware: Sequence[str],
         task: str | None = None,
+        input_kind: str | None = None,
+        model_sha256: str | None = None,
     ) -> TargetChange:
         """Add (or re-describe) a target: copy the file under ``targets/``, list it with its SHA-256, length and
-        ``custom["edge"] = {name, version, hardware, task}``, and publish (or stage, when the targets key is offline).
+        ``custom["edge"] = {name, version, hardware, task[, input, model_sha256]}`` (``hardware`` empty: any), and
+        publish (or stage, when the targets key is offline).
 
         FleetError when the target path or the name+version is already listed with different bytes.
         """
@@ -475,8 +482,8 @@ class Repository:
         if not name or not version:
             raise FleetError("a target needs a name and a version", "give the model name and version")
         hardware = [hardware] if isinstance(hardware, str) else [str(h) for h in hardware]
-        if not hardware or not all(hardware):
-            raise FleetError("a target needs at least one hardware id", "give the hardware ids it runs on")
+        if not all(hardware):
+            raise FleetError("a hardware id is empty", "give the hardware ids it runs on (none: any hardware)")
         source = Path(file_path)
         if not source.is_file():
             raise FleetError(f"{source} is not a file", "give the path of the bundle file")
@@ -486,7 +493,12 @@ class Repository:
             self.targets_dir.mkdir(exist_ok=True)
             tmp, sha256, length = self._copy_in(source)
             try:
-                custom = {TARGET_CUSTOM_FIELD: {"name": name, "version": version, "hardware": hardware, "task": task}}
+                edge: dict[str, Any] = {"name": name, "version": version, "hardware": hardware, "task": task}
+                if input_kind:
+                    edge["input"] = input_kind
+                if model_sha256:
+                    edge["model_sha256"] = model_sha256
+                custom = {TARGET_CUSTOM_FIELD: edge}
                 new = TargetFile(length, {"sha256": sha256}, target_path, {"custom": custom})
                 existing = base.signed.targets.get(target_path)
                 if existing is not None and existing.hashes.get("sha256") != sha256:

@@ -17,6 +17,9 @@ Decisions (AWS IoT Jobs rollout controls and hawkBit group thresholds are the mo
   ``skipped``: they do not hold the wave, stay unsent, and are sent (catch-up, tagged with their own wave)
   as soon as they come online while the rollout runs (not while paused: on resume; never after it
   finished). The device timeout runs from the moment a device was sent the command.
+* A device already running the target (``AlreadyRunning``: the version it reports in its status, or its
+  ``rejected`` state with the reason ``already running ...``) is done: ``succeeded`` with the reason
+  ``already running``, never sent the deployment when known before its wave, never a failure.
 * A device's outcome: ``succeeded`` (``committed``), ``failed`` (``rejected``, ``rolled_back``, ``failed``,
   or a failed ``HealthSample`` after commit when ``policy.health_regression``) or ``timed_out`` (no final
   state within ``device_timeout_s`` of being sent). Failures and timeouts both count as failures.
@@ -83,6 +86,7 @@ IN_FLIGHT = frozenset({SENT, IN_PROGRESS})
 OUTCOMES = frozenset({SUCCEEDED, FAILED, TIMED_OUT})
 FAILURES = frozenset({FAILED, TIMED_OUT})
 UNSENT = frozenset({PENDING, SKIPPED})
+ALREADY_RUNNING = "already running"  # reason of a device that runs the target already (done, not a failure)
 
 # Rollout statuses.
 CREATED = "created"
@@ -310,6 +314,17 @@ class DeviceState:
 
 
 @dataclass(frozen=True)
+class AlreadyRunning:
+    """The device reports (status ``models``) that it runs the rollout's target already: it is done."""
+
+    device: str
+    now: float
+
+    def __post_init__(self) -> None:
+        _finite_now(self.now, "AlreadyRunning")
+
+
+@dataclass(frozen=True)
 class HealthSample:
     """A health verdict for a device (``ok=False`` after commit is a failure when ``policy.health_regression``)."""
 
@@ -367,7 +382,9 @@ class Abort:
     reason: str = "aborted by operator"
 
 
-Event = Start | DeviceState | HealthSample | DeviceOnline | DeviceOffline | Tick | Pause | Resume | Abort
+Event = (
+    Start | DeviceState | AlreadyRunning | HealthSample | DeviceOnline | DeviceOffline | Tick | Pause | Resume | Abort
+)
 
 
 # ---- actions ---------------------------------------------------------------------------------------
@@ -500,10 +517,14 @@ class _Run:
         self.wave, self.settled_at = wave, None
         start, end = _wave_bounds(self.policy, self.n, wave)
         members = self.old.devices[start:end]
-        skipped = [d for d in members if not self.is_online(d)]
-        self.audit("wave_started", wave=wave, size=len(members), sent=len(members) - len(skipped), skipped=skipped)
+        done = [d for d in members if self.rec(d).state in OUTCOMES]  # type: ignore[union-attr]
+        skipped = [d for d in members if not self.is_online(d) and d not in done]
+        sent = len(members) - len(skipped) - len(done)
+        self.audit("wave_started", wave=wave, size=len(members), sent=sent, skipped=skipped)
         for device in members:
-            if self.is_online(device):
+            if device in done:
+                self.set_rec(device, wave=wave)
+            elif self.is_online(device):
                 self.send(device, wave, now)
             else:
                 self.set_rec(device, state=SKIPPED, wave=wave)
@@ -591,7 +612,7 @@ def _on_device_state(run: _Run, event: DeviceState) -> None:
     if record.state not in IN_FLIGHT:  # late report after the outcome was settled (timed out)
         run.set_rec(event.device, device_state=event.state)
         return
-    if event.state in DEVICE_SUCCESS:
+    if event.state in DEVICE_SUCCESS or already_running(event.state, event.reason):
         outcome = SUCCEEDED
     elif event.state in DEVICE_FAILURE:
         outcome = FAILED
@@ -604,6 +625,22 @@ def _on_device_state(run: _Run, event: DeviceState) -> None:
         run.audit("device_failed", device=event.device, state=event.state, reason=event.reason)
     run.check_threshold()
     run.advance(event.now)
+
+
+def already_running(state: str, reason: str | None) -> bool:
+    """Whether a device state says the device runs the offered version already (the agent's refusal reason)."""
+    return state == "rejected" and (reason or "").startswith(ALREADY_RUNNING)
+
+
+def _on_already_running(run: _Run, event: AlreadyRunning) -> None:
+    record = run.rec(event.device)
+    if record is None or record.state in OUTCOMES or run.status in FINISHED:
+        return
+    run.set_rec(event.device, state=SUCCEEDED, reason=ALREADY_RUNNING, sent_at=event.now)  # settled, nothing sent
+    run.audit("device_already_running", device=event.device)
+    if run.status in (RUNNING, PAUSED):
+        run.check_threshold()
+        run.advance(event.now)
 
 
 def _on_health(run: _Run, event: HealthSample) -> None:
@@ -671,6 +708,7 @@ def _on_abort(run: _Run, event: Abort) -> None:
 _HANDLERS: dict[type, Any] = {
     Start: _on_start,
     DeviceState: _on_device_state,
+    AlreadyRunning: _on_already_running,
     HealthSample: _on_health,
     DeviceOnline: _on_online,
     DeviceOffline: _on_offline,
@@ -689,6 +727,30 @@ def step(rollout: Rollout, event: Event) -> tuple[Rollout, list[Action]]:
     run = _Run(rollout)
     handler(run, event)
     return run.result(), run.actions
+
+
+def health_window_shortfall(
+    window_s: float, min_results: int, rates: Mapping[str, float | None]
+) -> tuple[str, str] | None:
+    """(problem, fix) when a health window of ``window_s`` seconds gives some device fewer than ``min_results``
+    results at the result rate it reports (results/s), else None. A device without a rate (no telemetry yet) or with
+    none above 0 (its first telemetry comes before its first results) is not judged. The problem shows the arithmetic
+    for the slowest such device; the fix is the window that is long enough for every device."""
+    if min_results <= 0:
+        return None
+    short = sorted(
+        (fps, device) for device, fps in rates.items() if fps is not None and fps > 0 and window_s * fps < min_results
+    )
+    if not short:
+        return None
+    fps, device = short[0]
+    more = f" (and {len(short) - 1} more device(s))" if len(short) > 1 else ""
+    needed = math.ceil(min_results / fps - 1e-9)
+    return (
+        f"health window {window_s:g} s x {fps:.1f} results/s on {device} = {window_s * fps:.0f} results, fewer than "
+        f"the {min_results} needed{more}",
+        f"--health-window {needed} or more",
+    )
 
 
 def rollback_plan(rollout: Rollout) -> list[str]:

@@ -18,10 +18,13 @@ from datetime import timedelta
 from typing import Any
 
 import structlog
+from sqlalchemy import exc as sa_errors
 
 from agent.protocol import ProtocolError, parse_json_object
 from fleet.config import FleetConfig
 from fleet.db import Registry
+from fleet.errors import FleetError
+from fleet.ingest import quarantine_text, safe_text, screen
 from fleet.keys import KeyStore
 from fleet.mqtt import FleetLink
 from fleet.ops import ACTIVE, Operations
@@ -155,6 +158,14 @@ class FleetServer:
             return
         data.setdefault("device_id", device)
         self.stats[f"received_{kind}"] += 1
+        screened = screen(kind, data) if len(device) <= 128 else None
+        if screened is None or screened.data is None:
+            reason = "the device id in the topic is longer than 128 characters" if screened is None else screened.reason
+            self._quarantine(kind, device, data, reason or "refused", received)
+            return
+        if screened.cut:
+            self.stats["normalised"] += 1
+        data = screened.data
         if kind == "ack":
             self.ops.note_ack(data)
         self._inbox.put((kind, device, data, received))
@@ -169,6 +180,27 @@ class FleetServer:
             self.registry.record_audit(
                 f"device:{device}", "device.message_refused", {"kind": kind}, ok=False, error=error
             )
+
+    def _quarantine(self, kind: str, device: str, data: Any, reason: str, received: float) -> None:
+        """Set one message aside (stored with its reason by the ingest thread); its batch goes on without it."""
+        self._inbox.put(("quarantine", device, self._set_aside(kind, device, data, reason, received), received))
+
+    def _set_aside(self, kind: str, device: str, data: Any, reason: str, received: float) -> dict[str, Any]:
+        """Count and log (at most a line a second) a quarantined message; its row for ``Registry.quarantine``."""
+        self.stats["quarantined"] += 1
+        self.stats[f"quarantined_{kind}"] += 1
+        reason = safe_text(reason)
+        now = time.monotonic()
+        if now - self._last_warning >= 1.0:
+            self._last_warning = now
+            log.warning("device message quarantined", device=safe_text(device)[:128], kind=kind, reason=reason)
+        return {
+            "device_id": device,
+            "kind": kind,
+            "reason": reason,
+            "payload": quarantine_text(data),
+            "received_at": received,
+        }
 
     def _ingest_loop(self) -> None:
         while not self._stop.is_set():
@@ -197,35 +229,62 @@ class FleetServer:
             self._ingest(batch)
 
     def _ingest(self, batch: list[tuple[str, str, dict[str, Any], float]]) -> None:
-        by_kind: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-        for kind, _device, data, _received in batch:
-            by_kind[kind].append(data)
-        ingest = {
-            "status": self.registry.ingest_status,
-            "telemetry": self.registry.ingest_telemetry,
-            "update": self.registry.ingest_update_states,
-            "event": self.registry.ingest_events,
-        }
+        by_kind: dict[str, list[tuple[str, str, dict[str, Any], float]]] = collections.defaultdict(list)
+        for item in batch:
+            by_kind[item[0]].append(item)
+        quarantined = [item[2] for item in by_kind.pop("quarantine", [])]
         for kind, items in by_kind.items():
+            self._apply(kind, items, quarantined)
+        if quarantined:
+            self.registry.quarantine(quarantined)
+        done = time.time()
+        for kind, _device, data, _received in batch:
+            ts = data.get("ts")
+            if kind != "quarantine" and isinstance(ts, (int, float)):
+                self.lag_ms.append((done - ts) * 1000.0)
+        self.stats["ingested"] += sum(1 for item in batch if item[0] != "quarantine")
+
+    def _apply(
+        self, kind: str, items: list[tuple[str, str, dict[str, Any], float]], quarantined: list[dict[str, Any]]
+    ) -> None:
+        """Write ``items`` (one kind) in one transaction; when the database refuses the batch for what is in it
+        (not an outage), split it until the message it refuses is alone, and quarantine that one."""
+        try:
             if kind == "ack":
-                for ack in items:
+                for _kind, _device, ack, _received in items:
                     if isinstance(ack.get("id"), str):
                         self.registry.ack_command(ack["device_id"], ack["id"], ack)
-                continue
-            result = ingest[kind](items)
-            for key, value in result.as_dict().items():
-                self.stats[f"{kind}_{key}"] += value
-        done = time.time()
-        for _kind, _device, data, _received in batch:
-            ts = data.get("ts")
-            if isinstance(ts, (int, float)):
-                self.lag_ms.append((done - ts) * 1000.0)
-        self.stats["ingested"] += len(batch)
+                return
+            ingest = {
+                "status": self.registry.ingest_status,
+                "telemetry": self.registry.ingest_telemetry,
+                "update": self.registry.ingest_update_states,
+                "event": self.registry.ingest_events,
+            }[kind]
+            result = ingest([data for _kind, _device, data, _received in items])
+        except Exception as error:
+            if _outage(error):
+                raise
+            if len(items) > 1:
+                half = len(items) // 2
+                self._apply(kind, items[:half], quarantined)
+                self._apply(kind, items[half:], quarantined)
+                return
+            (_kind, device, data, received) = items[0]
+            reason = f"could not be stored: {type(error).__name__}: {_first_line(error)}"
+            quarantined.append(self._set_aside(kind, device, data, reason, received))
+            return
+        for key, value in result.as_dict().items():
+            self.stats[f"{kind}_{key}"] += value
 
     # ---- rollouts and upkeep -------------------------------------------------------------------------
 
     def _rollout_loop(self) -> None:
         while not self._stop.wait(self.tick_s):
+            try:  # what `fleet deploy --wait` looks at to tell whether any server is driving rollouts
+                self.registry.server_heartbeat()
+            except Exception:
+                log.exception("server heartbeat not recorded")
             for row in self.registry.list_rollouts():
                 if row["status"] in ACTIVE:
                     try:
@@ -246,6 +305,18 @@ class FleetServer:
                 log.info("devices offline (silent)", devices=len(stale))
             self.registry.prune()
             self._stop.wait(30.0)
+
+
+def _outage(error: BaseException) -> bool:
+    """Whether a failed write is the database's trouble (retry later) rather than the messages'."""
+    if isinstance(error, FleetError | sa_errors.OperationalError | sa_errors.InterfaceError):
+        return True
+    return isinstance(error, sa_errors.DBAPIError) and bool(error.connection_invalidated)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:300]
 
 
 def _safe_url(url: str) -> str:

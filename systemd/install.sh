@@ -18,8 +18,9 @@ usage: install.sh [--prefix DIR] [--no-start] [--dry-run] [--uninstall [--purge]
                           keeps /etc/edge-agent, /var/lib/edge-agent and the user
   --purge                 with --uninstall: also remove config, state (models, outbox) and the user
   --board FAMILY          skip detection: pi, jetson or generic
-  --extras LIST           pip extras to install (default by board: pi/generic litert,onnx,serial,mqtt;
-                          jetson onnx,serial,mqtt)
+  --extras LIST           pip extras to install (default by board: pi/generic litert,onnx,serial,mqtt,update;
+                          jetson onnx,serial,mqtt,update); update brings the signed-update and device-command
+                          crypto that an agent.toml from `fleet device provision` needs
   --system-site-packages  let the venv see the OS's Python packages (JetPack's TensorRT bindings, apt OpenCV)
   --show-dropin           print the board's systemd drop-in (empty for boards without one) and exit
 
@@ -204,8 +205,8 @@ fi
 # ---- install --------------------------------------------------------------------------------------------
 if [ -z "$EXTRAS" ]; then
     case "$BOARD" in
-        jetson) EXTRAS=onnx,serial,mqtt ;;
-        *) EXTRAS=litert,onnx,serial,mqtt ;;
+        jetson) EXTRAS=onnx,serial,mqtt,update ;;
+        *) EXTRAS=litert,onnx,serial,mqtt,update ;;
     esac
 fi
 say "board: $BOARD; extras: $EXTRAS; source: $SRC; prefix: ${PREFIX:-/}"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +27,43 @@ def samples() -> Path:
 @pytest.fixture(scope="session")
 def fixtures() -> Path:
     return FIXTURES
+
+
+# ------------------------------------------------------------------------------ service logs: shown on failure only
+
+# Services a test starts (brokers, agents, fleet servers) write their output to files, never to the terminal;
+# a failing test's report gets the tail of each file registered here (brokers: tests/mqtt_fixtures.py).
+_SERVICE_LOGS = pytest.StashKey[list[tuple[str, Path]]]()
+SERVICE_LOG_LINES = 40
+
+
+@pytest.fixture
+def service_log(request: pytest.FixtureRequest) -> Callable[[str, Path], Path]:
+    """``register(title, path) -> path``: the tail of ``path`` is added to this test's report if it fails."""
+
+    def register(title: str, path: Path) -> Path:
+        request.node.stash.setdefault(_SERVICE_LOGS, []).append((title, Path(path)))
+        return Path(path)
+
+    return register
+
+
+def log_tail(path: Path, lines: int = SERVICE_LOG_LINES) -> str:
+    """The last ``lines`` lines of a log file (a note when it does not exist)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"({path}: {exc.strerror})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for title, path in item.stash.get(_SERVICE_LOGS, []):
+            report.sections.append((f"{title} log ({path}, last {SERVICE_LOG_LINES} lines)", log_tail(path)))
 
 
 def run_cli(

@@ -499,8 +499,12 @@ class Broker:
                     parts.append(text)
         return "".join(parts)
 
-    def log_tail(self, n: int = 50) -> str:
-        return "\n".join(self.log_text().splitlines()[-n:])
+    def log_tail(self, n: int = 50, *, quiet: bool = False) -> str:
+        """The last ``n`` log lines; ``quiet`` leaves out keepalive traffic (PINGREQ/PINGRESP)."""
+        lines = self.log_text().splitlines()
+        if quiet:
+            lines = [ln for ln in lines if "PINGREQ" not in ln and "PINGRESP" not in ln]
+        return "\n".join(lines[-n:])
 
     def wait_for_log(self, needle: str, timeout: float = 5.0) -> str:
         """Wait until ``needle`` appears in the log; returns the first line containing it."""

@@ -15,6 +15,7 @@ import pytest
 from tests.mosquitto import ACL_PASSWORDS, EDGE_ACL, Broker, Certs, Subscriber, find_mosquitto, make_certs
 
 CLIENT_NAMES = ["dev1", "dev2", "fleet"]
+BROKER_LOG_LINES = 40  # of each broker's log, in a failing test's report
 
 _BROKERS = pytest.StashKey[list[Broker]]()
 
@@ -28,9 +29,10 @@ def _track(request: pytest.FixtureRequest, broker: Broker) -> Broker:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
     outcome = yield
     report = outcome.get_result()
-    if report.failed:
+    if report.failed:  # a passing test shows nothing: the broker's output stays in its files
         for broker in item.stash.get(_BROKERS, []):
-            report.sections.append((f"mosquitto log ({broker.workdir})", broker.log_tail(50)))
+            title = f"mosquitto log ({broker.log_path}, last {BROKER_LOG_LINES} lines, keepalive pings left out)"
+            report.sections.append((title, broker.log_tail(BROKER_LOG_LINES, quiet=True)))
 
 
 @pytest.fixture(scope="session")

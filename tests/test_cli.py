@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import INPUTS, ROOT, SAMPLES, run_cli
+from tests.conftest import INPUTS, ROOT, SAMPLES, assert_one_line_error, run_cli
 
 TFLITE = SAMPLES / "digits-classifier-tflite"
 ONNX = SAMPLES / "digits-classifier-onnx"
@@ -105,7 +105,10 @@ def test_batch_directory_and_resume(tmp_path: Path) -> None:
     proc = run_cli("batch", "--model", TFLITE, "--input", inputs, "--output", out, "--json")
     assert proc.returncode == 1  # one input failed; the rest are done
     summary = json.loads(proc.stdout)
-    assert summary == {"total": 31, "done": 30, "skipped": 0, "errors": 1, "output": str(out)}
+    broken = str(inputs / "broken.png")
+    assert summary == {"total": 31, "done": 30, "skipped": 0, "errors": 1, "failed": [broken], "output": str(out)}
+    [named] = [ln for ln in proc.stderr.splitlines() if ln.strip()]  # the failed input, by name, on one line
+    assert named.startswith(f"edge-agent: error: {broken}: ") and named.count("(fix: ") == 1
     records = read_jsonl(out)
     assert len(records) == 31 and sum("error" in r for r in records) == 1
     labels = {Path(r["input"]).name: r.get("label") for r in records}
@@ -186,3 +189,57 @@ def test_detector_decodes_grid_and_suppresses_duplicates() -> None:
             assert det["label"] in [str(i) for i in range(10)] and det["score"] >= 0.4
     proc = run_cli("describe", SAMPLES / "digits-detector", "--json")
     assert proc.returncode == 0 and json.loads(proc.stdout)["golden"]["passed"]
+
+
+def test_batch_refuses_an_output_holding_another_models_results(tmp_path: Path) -> None:
+    inputs = make_input_dir(tmp_path / "in")
+    out = tmp_path / "results.jsonl"
+    assert run_cli("batch", "--model", TFLITE, "--input", inputs, "--output", out).returncode == 0
+    before = out.read_bytes()
+    proc = run_cli("batch", "--model", ONNX, "--input", inputs, "--output", out)
+    line = assert_one_line_error(proc, "another model", "digits-classifier-tflite", "another --output")
+    assert str(out) in line
+    assert out.read_bytes() == before  # nothing mixed in, nothing lost
+    # the same model resumes (nothing left to do)
+    proc = run_cli("batch", "--model", TFLITE, "--input", inputs, "--output", out, "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["skipped"] == 30
+    assert all(r["model_sha256"] == read_jsonl(out)[0]["model_sha256"] for r in read_jsonl(out))
+
+
+def test_batch_with_no_inputs_warns(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("not an input")
+    proc = run_cli("batch", "--model", TFLITE, "--input", empty, "--output", tmp_path / "out.jsonl")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("edge-agent: warning: no inputs in ") and ".png" in line
+
+
+def test_batch_interrupted_says_how_to_resume(tmp_path: Path) -> None:
+    inputs = make_input_dir(tmp_path / "in", copies=40)  # 400 images
+    out = tmp_path / "results.jsonl"
+    args = ["batch", "--model", str(ONNX), "--input", str(inputs), "--output", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert wait_for_file(out, 2_000)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the batch finished before the interrupt arrived")
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    [line] = stderr.splitlines()
+    assert "interrupted" in line and line.endswith("edge-agent " + " ".join(args))
+    resumed = run_cli(*args, "--json")
+    summary = json.loads(resumed.stdout)
+    assert resumed.returncode == 0 and summary["skipped"] > 0 and summary["skipped"] + summary["done"] == 400
+
+
+def wait_for_file(path: Path, size: int, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.stat().st_size >= size:
+            return True
+        time.sleep(0.01)
+    return False

@@ -124,9 +124,9 @@ def test_migrated_schema_equals_models(reg: Registry) -> None:
     with reg.engine.connect() as conn:
         diffs = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
     assert diffs == []
-    assert reg.schema_revision() == reg.head_revision() == "0001"
+    assert reg.schema_revision() == reg.head_revision() == "0002"
     reg.migrate()  # again: nothing to do
-    assert reg.schema_revision() == "0001"
+    assert reg.schema_revision() == "0002"
 
 
 def test_downgrade_to_base_and_up_again(reg: Registry) -> None:
@@ -159,7 +159,7 @@ def test_concurrent_migrations_from_two_servers(url: str) -> None:
         t.join()
     assert errors == []
     with Registry(url) as registry:
-        assert registry.schema_revision() == "0001"
+        assert registry.schema_revision() == "0002"
         assert registry.devices() == []
 
 

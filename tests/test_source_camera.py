@@ -25,6 +25,8 @@ def read_n(source: CameraSource, n: int, timeout: float = 15.0) -> list:
         sample = source.read(timeout=0.5)
         if sample is not None:
             got.append(sample)
+        elif source.finished:  # a video file read to its end: nothing more will come
+            break
     return got
 
 

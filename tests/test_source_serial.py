@@ -431,9 +431,9 @@ def test_missing_pyserial_is_reported_not_raised(monkeypatch, sources) -> None:
     source = sources(port="/dev/ttyUSB0", channels=["a"])
     assert source.read(0.05) is None
     assert source.read(0.05) is None
-    assert source.health.last_error == "pyserial is not installed: pip install 'edge-agent[serial]'"
+    assert source.health.last_error == "pyserial is not installed: pip install 'edge-inference-agent[serial]'"
     assert source.health.errors == 1
-    assert "pip install 'edge-agent[serial]'" in source.probe()
+    assert "pip install 'edge-inference-agent[serial]'" in source.probe()
 
 
 def test_module_imports_without_pyserial() -> None:

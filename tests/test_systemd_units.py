@@ -1,4 +1,5 @@
-"""systemd/edge-agent.service (systemd-analyze verify / security) and systemd/install.sh (--dry-run plan)."""
+"""systemd/edge-agent.service (systemd-analyze verify / security) and systemd/install.sh (--dry-run plan; the real
+install into a --prefix with its default extras runs in tests/test_install_matrix.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "edge-agent.service"
@@ -176,7 +178,7 @@ def test_dry_run_plan_on_a_pi(prefix: Path) -> None:
     assert _tree(prefix) == before, "--dry-run changed files"
     assert "[dry-run] useradd --root" in plan and "--groups video,dialout edge-agent" in plan  # user
     assert f"-m venv {prefix}/opt/edge-agent/venv" in plan  # venv
-    assert f"pip install --upgrade {ROOT}[litert,onnx,serial,mqtt]" in plan
+    assert f"pip install --upgrade {ROOT}[litert,onnx,serial,mqtt,update]" in plan  # what a provisioned agent needs
     copy = next(line for line in plan.splitlines() if line.startswith("[dry-run] cp -f"))  # profiles
     assert "firmware-profiles/rpi4.toml" in copy and copy.endswith(f" {prefix}/opt/edge-agent/firmware-profiles/")
     assert f"[dry-run] write {prefix}/etc/edge-agent/agent.toml (mode 0640, group edge-agent)" in plan  # config
@@ -190,10 +192,27 @@ def test_dry_run_plan_on_a_jetson_keeps_an_existing_config(prefix: Path) -> None
     (prefix / "etc/edge-agent").mkdir()
     (prefix / "etc/edge-agent/agent.toml").write_text('device_id = "kept"\n')
     plan = _plan(prefix, "--board", "jetson")
-    assert f"pip install --upgrade {ROOT}[onnx,serial,mqtt]" in plan
+    assert f"pip install --upgrade {ROOT}[onnx,serial,mqtt,update]" in plan
     assert "exists: kept as it is" in plan and "write " + str(prefix / "etc/edge-agent/agent.toml") not in plan
     assert "edge-agent.service.d/10-board.conf" in plan and "| DevicePolicy=auto" in plan
     assert (prefix / "etc/edge-agent/agent.toml").read_text() == 'device_id = "kept"\n'
+
+
+def test_default_extras_are_the_device_extra(prefix: Path) -> None:
+    """install.sh's default on a Pi/PC installs what `pip install '.[device]'` does (tests/test_install_matrix.py
+    installs it for real and runs a provisioned agent.toml from it)."""
+    device = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["device"]
+    (self_reference,) = device
+    extras = self_reference[self_reference.index("[") + 1 : -1].split(",")
+    line = next(ln for ln in _plan(prefix, "--board", "generic").splitlines() if "pip install" in ln)
+    assert sorted(line[line.rindex("[") + 1 : -1].split(",")) == sorted(extras)
+
+
+def test_extras_option_overrides_the_default(prefix: Path) -> None:
+    plan = _plan(prefix, "--board", "pi", "--extras", "onnx,mqtt")
+    assert f"pip install --upgrade {ROOT}[onnx,mqtt]" in plan and "update]" not in plan
+    plan = _plan(prefix, "--board", "jetson", "--extras=litert")
+    assert f"pip install --upgrade {ROOT}[litert]" in plan
 
 
 def test_dry_run_uninstall(prefix: Path) -> None:

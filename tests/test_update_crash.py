@@ -95,6 +95,43 @@ def test_kill_9_in_each_state(
         stop(proc)
 
 
+def test_kill_9_in_trial_keeps_the_previous_models_latency_baseline(
+    tmp_path: Path, broker: Any, fleet: Fleet, mqtt_client: Any
+) -> None:
+    """A model tens of times slower than the old one (no budget of its own), killed in trial before its window ran:
+    the restarted agent judges it against the previous model's p95 persisted at activation (not against the slow
+    model's own first runs, nor against nothing), confirms by timing both side by side, and rolls it back."""
+    from tests.test_update_attacks import _onnx_digits
+
+    def slow_no_budget(meta: dict[str, Any], work: Path) -> None:
+        _onnx_digits("slow")(meta, work)
+        meta.pop("budget", None)
+
+    sub = mqtt_client(broker, "edge/#")
+    config = agent_config(tmp_path, broker, fleet)
+    results = tmp_path / "results-dev1.jsonl"
+    proc = start(config, tmp_path, env={"EDGE_AGENT_FAULT_HOLD": "trial:60"})
+    try:
+        wait_serving(results, "1.0.0")
+        fleet.deploy("dev1", fleet.publish(build_bundle(tmp_path, "1.1.0", edit=slow_no_budget), "1.1.0"))
+        wait_state(sub, "trial")
+        _kill(proc)
+        stored = json.loads((tmp_path / "state-dev1" / "updates" / "digits.json").read_text())["state"]
+        assert stored["state"] == "trial" and stored["baseline_p95_ms"] > 0
+        assert stored["health"]["window_s"] == 3.0 and stored["health"]["min_results"] == 10
+        before = len(states(sub))
+        proc = start(config, tmp_path)
+        rolled = wait_state(sub, "rolled_back", since=before)
+        assert chain(sub, since=before) == ["trial", "rolled_back"]
+        reason = rolled["reason"]
+        assert reason.startswith("unhealthy in trial: median latency ") and "the previous model's median" in reason
+        assert "timed side by side on the same input" in reason
+        wait_serving(results, "1.0.0")
+        assert _active_bundle(tmp_path) == "1.0.0"
+    finally:
+        stop(proc)
+
+
 def test_crash_loop_in_trial_rolls_back(tmp_path: Path, broker: Any, fleet: Fleet, mqtt_client: Any) -> None:
     """Killed in trial on three starts in a row (e.g. the new model crashes the process): rolled back."""
     sub = mqtt_client(broker, "edge/#")

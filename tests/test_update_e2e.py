@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from tests.update_helpers import (
     wait_serving,
     wait_state,
 )
+from tests.update_helpers import states as states_of
 
 HAPPY_CHAIN = ["offered", "downloading", "downloaded", "validating", "activating", "trial", "committed"]
 
@@ -208,6 +211,12 @@ def test_update_settings_errors_are_one_line(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("check", "--config", no_mqtt), "[update] is enabled but there is no [mqtt] table")
     typo = _config(tmp_path, "[update]\nenabled = true\ntrust_rot = 'x'\n")
     assert_one_line_error(run_cli("check", "--config", typo), "unknown key 'update.trust_rot'")
+    floor = _config(tmp_path, "[update]\nenabled = true\nhealth_latency_floor_ms = -1\n")
+    assert_one_line_error(run_cli("check", "--config", floor), "key 'update.health_latency_floor_ms'")
+    health_typo = _config(tmp_path, "[pipelines.p.health]\nwindow = 8\n")
+    assert_one_line_error(run_cli("check", "--config", health_typo), "unknown key 'pipelines.p.health.window'")
+    factor = _config(tmp_path, "[pipelines.p.health]\nlatency_factor = 0\n")
+    assert_one_line_error(run_cli("check", "--config", factor), "key 'pipelines.p.health.latency_factor'")
     missing = _config(tmp_path, "[update]\nenabled = true\ntrust_root = 'nowhere/root.json'\n")
     proc = run_cli("run", "--config", missing, "--duration", "1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -270,3 +279,98 @@ def test_many_devices_taking_one_target_share_the_chunks(tmp_path: Path, broker:
         for proc in procs.values():
             stop(proc)
         fleet.close()
+
+
+def _cpu_hogs(n: int = 2) -> list[subprocess.Popen[bytes]]:
+    """Busy-loop processes beside the agent: a board whose CPUs are taken by something else."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def _stop_hogs(hogs: list[subprocess.Popen[bytes]]) -> None:
+    for hog in hogs:
+        hog.kill()
+    for hog in hogs:
+        hog.wait(10)
+
+
+def test_identical_model_is_committed_while_the_cpu_is_busy(
+    tmp_path: Path, broker: Any, fleet: Fleet, mqtt_client: Any
+) -> None:
+    """The old model's p95 was measured on an idle CPU; the new one (the same model) runs its health window beside
+    two busy-loop processes. Being as fast as the old one, it must be committed, whether the latency floor
+    (default) or the paired re-timing of both models under the same load (floor 0: the bare factor trips on noise)
+    decides."""
+    sub = mqtt_client(broker, "edge/#")
+    results = tmp_path / "results-dev1.jsonl"
+    proc = start(agent_config(tmp_path, broker, fleet), tmp_path)
+    hogs: list[subprocess.Popen[bytes]] = []
+    try:
+        wait_serving(results, "1.0.0")
+        hogs = _cpu_hogs(2)
+        floor_0 = {"health_latency_floor_ms": 0.0}
+        for version, fields in (("1.1.0", {}), ("1.2.0", floor_0), ("1.3.0", {}), ("1.4.0", floor_0)):
+            since = len(chain(sub))
+            fleet.deploy("dev1", fleet.publish(build_bundle(tmp_path, version), version), **fields)
+            done = wait_state(sub, "committed", timeout=120, since=len(states_of(sub)))
+            assert done["version"] == version, [(s["state"], s.get("reason")) for s in states_of(sub)]
+            assert chain(sub)[since:] == HAPPY_CHAIN
+        wait_serving(results, "1.4.0", timeout=60)
+        assert proc.poll() is None
+    finally:
+        _stop_hogs(hogs)
+        stop(proc)
+
+
+def test_window_too_short_for_the_result_rate_is_refused_with_the_arithmetic(
+    tmp_path: Path, broker: Any, fleet: Fleet, mqtt_client: Any
+) -> None:
+    """30 results/s, the pipeline's [pipelines.digits.health] asks for 50 results in 1 s: refused at the offer,
+    before any download; a deployment's own window (over the pipeline's) that fits is accepted and committed."""
+    sub = mqtt_client(broker, "edge/#")
+    results = tmp_path / "results-dev1.jsonl"
+    config = agent_config(tmp_path, broker, fleet, pipeline={"health": {"window_s": 1.0, "min_results": 50}})
+    proc = start(config, tmp_path)
+    try:
+        wait_serving(results, "1.0.0")
+        target = fleet.publish(build_bundle(tmp_path, "1.1.0"), "1.1.0")
+        fleet.deploy("dev1", target)
+        rejected = wait_state(sub, "rejected")
+        assert rejected["reason"].startswith("health window 1 s x "), rejected["reason"]
+        assert "fewer than the 50 needed (fix: a health window of at least " in rejected["reason"]
+        assert "or health_min_results <= " in rejected["reason"]
+        assert chain(sub) == ["offered", "rejected"]
+        since = len(chain(sub))
+        fleet.deploy("dev1", target, health_window_s=6.0)
+        assert wait_state(sub, "committed", since=len(states_of(sub)))["version"] == "1.1.0"
+        assert chain(sub)[since:] == HAPPY_CHAIN
+        wait_serving(results, "1.1.0")
+    finally:
+        stop(proc)
+
+
+def test_paired_retiming_keeps_a_model_as_fast_as_the_old_one(
+    tmp_path: Path, broker: Any, fleet: Fleet, mqtt_client: Any
+) -> None:
+    """The previous model's p95 is made to look 1 us (``EDGE_AGENT_FAULT_BASELINE_MS``: as if measured on an idle
+    CPU) and the floor is 0, so the latency rule trips on an identical model run beside two CPU hogs: the agent
+    times both models side by side on the same input, finds them equal, and commits."""
+    sub = mqtt_client(broker, "edge/#")
+    results = tmp_path / "results-dev1.jsonl"
+    proc = start(agent_config(tmp_path, broker, fleet), tmp_path, env={"EDGE_AGENT_FAULT_BASELINE_MS": "0.001"})
+    hogs: list[subprocess.Popen[bytes]] = []
+    try:
+        wait_serving(results, "1.0.0")
+        hogs = _cpu_hogs(2)
+        fleet.deploy("dev1", fleet.publish(build_bundle(tmp_path, "1.1.0"), "1.1.0"), health_latency_floor_ms=0.0)
+        done = wait_state(sub, "committed", timeout=120)
+        assert done["version"] == "1.1.0" and chain(sub) == HAPPY_CHAIN
+        wait_serving(results, "1.1.0", timeout=60)
+    finally:
+        _stop_hogs(hogs)
+        stop(proc)
+    retimed = [
+        json.loads(line)
+        for line in (proc.output_dir / "stderr.txt").read_text().splitlines()
+        if "health window latency re-timed" in line
+    ]
+    assert len(retimed) == 1 and retimed[0]["ok"] is True and retimed[0]["pairs"] >= 1, retimed

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.update.health import HealthPolicy
 from agent.update.state import (
     ACTIVE_STATES,
     EVENT_TYPES,
@@ -417,6 +418,39 @@ def test_crash_loop_in_trial_rolls_back_after_max_attempts() -> None:
     assert (state.state, state.reason) == ("rolled_back", "crash loop in trial")
     assert chain(state)[-4:] == ["trial", "trial", "trial", "rolled_back"]
     assert state.attempts_in("trial") == 3
+
+
+def test_activation_baseline_and_policy_survive_restarts_in_trial() -> None:
+    """The previous model's p95 and the window's policy are persisted at Activate (before the swap): a restart in
+    trial resumes with them, not with whatever the new model measures after the restart."""
+    policy = HealthPolicy(window_s=8.0, min_results=10, latency_factor=3.0, latency_floor_ms=7.5)
+    state = run(offered(), *TO_VALIDATING, ValidationPassed(), Activate(baseline_p95_ms=0.34, health=policy))
+    assert (state.state, state.baseline_p95_ms, state.health) == ("activating", 0.34, policy)
+    state = recover(state, 20.0)  # killed around the switch
+    state = transition(state, Activated(), 21.0)
+    for i in range(2):  # killed twice in trial
+        state = recover(state, 30.0 + i)
+        assert state.state == "trial"
+        state = state_from_dict(state_to_dict(state))  # what the store writes and reads back
+        assert (state.baseline_p95_ms, state.health) == (0.34, policy)
+    assert transition(state, HealthVerdict(ok=True), 40.0).baseline_p95_ms == 0.34
+
+
+def test_state_written_before_baselines_existed_still_loads() -> None:
+    data = state_to_dict(READY["trial"])
+    del data["baseline_p95_ms"], data["health"]
+    state = state_from_dict(data)
+    assert (state.baseline_p95_ms, state.health) == (None, None)
+
+
+def test_activate_refuses_a_bad_baseline_and_the_store_a_bad_policy() -> None:
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError):
+            Activate(baseline_p95_ms=bad)
+    data = state_to_dict(run(offered(), *TO_VALIDATING, ValidationPassed(), Activate(1.0, HealthPolicy())))
+    for key, value in [("health", {**data["health"], "latency_floor_ms": -1}), ("baseline_p95_ms", -2.0)]:
+        with pytest.raises(ValueError):
+            state_from_dict({**data, key: value})
 
 
 def test_trial_crash_limit_follows_max_attempts() -> None:

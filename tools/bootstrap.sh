@@ -29,5 +29,5 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
-echo "bootstrap: installing edge-agent[$EXTRAS] into $VENV"
+echo "bootstrap: installing edge-inference-agent[$EXTRAS] into $VENV"
 "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"

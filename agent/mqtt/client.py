@@ -27,7 +27,7 @@ import structlog
 from agent.config import MqttConfig, parse_broker_url
 from agent.errors import AgentError
 from agent.mqtt.outbox import Outbox
-from agent.protocol import Topics
+from agent.protocol import PLATFORMS, Topics
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +53,7 @@ class MqttLink:
         self._status_online = status_online
         self._status_offline = status_offline
         self.address = parse_broker_url(config.broker)
+        self._retain = PLATFORMS[config.platform].retain  # Azure IoT Hub keeps no retained message: none sent
         self._handlers: dict[str, MessageHandler] = {}
         self._subscriptions: list[str] = []
         self._on_connect_hooks: list[Callable[[], None]] = []
@@ -105,7 +106,7 @@ class MqttLink:
             client.username_pw_set(username, password)
         if self.address.tls or cfg.tls is not None:
             self._configure_tls(client)
-        client.will_set(self.topics.status, self._status_offline("connection lost"), qos=1, retain=True)
+        client.will_set(self.topics.status, self._status_offline("connection lost"), qos=1, retain=self._retain)
         client.reconnect_delay_set(min_delay=max(1, int(cfg.reconnect_min)), max_delay=max(1, int(cfg.reconnect_max)))
         client.max_inflight_messages_set(cfg.inflight)
         client.max_queued_messages_set(cfg.inflight * 2 + 50)  # room for status/discovery/replies, never a buffer
@@ -189,7 +190,7 @@ class MqttLink:
         with self._lock:
             self._lock.notify_all()
         if self.connected:
-            info = self._client.publish(self.topics.status, self._status_offline(reason), qos=1, retain=True)
+            info = self._client.publish(self.topics.status, self._status_offline(reason), qos=1, retain=self._retain)
             self._note_direct(info.mid)
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=2.0)
@@ -217,7 +218,7 @@ class MqttLink:
         if len(payload) > self.config.max_payload_bytes:
             log.warning("payload over the cap, not sent", topic=topic, size=len(payload))
             return False
-        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain and self._retain, properties=properties)
         if qos and info.rc == 0:
             self._note_direct(info.mid)
         return info.rc == 0
@@ -295,7 +296,7 @@ class MqttLink:
         # that sees the status can send a request (predict, command) at once and it is not lost.
         for topic_filter in list(self._subscriptions):
             client.subscribe(topic_filter, qos=1)
-        info = client.publish(self.topics.status, self._status_online(), qos=1, retain=True)
+        info = client.publish(self.topics.status, self._status_online(), qos=1, retain=self._retain)
         self._note_direct(info.mid)
         for hook in self._on_connect_hooks:
             try:

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agent.protocol import ProtocolError, parse_json_object
+from agent.extras import commands_unavailable
+from agent.protocol import PIPELINE_NAME, ProtocolError, parse_json_object
+from agent.protocol.ids import echo_id
 from agent.protocol.update import parse_envelope
-from agent.update.commands import CommandRejected, verify_device_command
 from agent.update.store import read_json_object, write_json_atomic
-from agent.update.trust import RepositoryUnavailable, UntrustedMetadata
 
 if TYPE_CHECKING:
     from agent.mqtt.service import MqttService
@@ -34,6 +34,12 @@ class CommandHandler:
     def __init__(self, service: MqttService) -> None:
         self.service = service
         self.state_file = Path(service.config.state_dir) / "updates" / "last-device-command.json"
+        # Verifying a command needs the update extra's crypto: without it, results and telemetry still flow and
+        # each command is refused with the reason (said once here in the log).
+        off = commands_unavailable()
+        self.unavailable = None if off is None else f"device commands are off: {off}"
+        if self.unavailable is not None:
+            log.warning(self.unavailable)
         # Verification may refresh TUF metadata over MQTT: never in paho's network thread, which must deliver it.
         self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=64)
         threading.Thread(target=self._worker, name="commands", daemon=True).start()
@@ -53,12 +59,25 @@ class CommandHandler:
                 log.exception("command handling failed", topic=topic)
 
     def _handle(self, topic: str, payload: bytes) -> None:
-        name = topic.rsplit("/", 1)[-1]
+        level = topic.rsplit("/", 1)[-1]
+        name = level if PIPELINE_NAME.fullmatch(level) else "invalid"  # the topic level is echoed in the ack
         command_id: str | None = None
         try:
             body = parse_json_object(payload, "command", 64 * 1024)
             signed = body.get("signed") if isinstance(body.get("signed"), dict) else body
-            command_id = signed.get("id") if isinstance(signed.get("id"), str) else None
+            command_id = echo_id(signed.get("id"))  # unverified: echoed only when it has an id's shape, else null
+        except ProtocolError as exc:
+            log.warning("command refused", command=name, error=str(exc))
+            self.service.ack(name, command_id, ok=False, error=str(exc))
+            return
+        if self.unavailable is not None:
+            log.warning("command refused", command=name, error=self.unavailable)
+            self.service.ack(name, command_id, ok=False, error=self.unavailable)
+            return
+        from agent.update.commands import CommandRejected
+        from agent.update.trust import RepositoryUnavailable, UntrustedMetadata
+
+        try:
             command = self._verify(payload)
             if command.name != name:
                 raise CommandRejected(f"command {command.name!r} arrived on the topic of {name!r}")
@@ -74,6 +93,8 @@ class CommandHandler:
             self.service.daemon.request_stop(exit_code=RESTART_EXIT_CODE)
 
     def _verify(self, payload: bytes) -> Any:
+        from agent.update.commands import CommandRejected, verify_device_command
+
         updates = self.service.daemon.updates
         if updates is None or updates.trust is None:
             raise CommandRejected(

@@ -1,15 +1,22 @@
 """Home Assistant MQTT discovery: retained configs so each device appears with its sensors.
 
-Availability follows the device's retained ``status`` topic (``online``/``offline``, the LWT).
+Follows the current Home Assistant MQTT discovery documentation: each config names its entity with
+``default_entity_id`` (``<component>.<slug>``, HA 2025.10 and later; ``object_id`` is still sent for older HA,
+which HA 2026.4 and later ignore), carries an ``origin`` block (the software that sent it) and a ``device`` block.
+Availability follows the device's retained ``status`` topic (``online``/``offline``, the LWT). An entity is
+removed by an empty retained payload on its config topic (``stale``: what a reload no longer announces).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.protocol import discovery_topic
+
+ORIGIN_NAME = "edge-agent"
 
 if TYPE_CHECKING:
     from agent.mqtt.service import MqttService
@@ -26,6 +33,21 @@ def _device(service: MqttService) -> dict[str, Any]:
     }
 
 
+def _origin() -> dict[str, Any]:
+    """``origin``: ``name`` is required by HA; ``support_url`` is optional and left out (no public project URL)."""
+    return {"name": ORIGIN_NAME, "sw_version": __version__}
+
+
+def entity_slug(text: str) -> str:
+    """Home Assistant's object-id form: lower case letters, digits and single underscores."""
+    return re.sub(r"_+", "_", re.sub(r"[^a-z0-9_]", "_", text.lower())).strip("_") or "unnamed"
+
+
+def stale(previous: set[str] | list[str], current: set[str] | list[str]) -> list[str]:
+    """Config topics announced before and not now: each gets an empty retained payload (HA removes the entity)."""
+    return sorted(set(previous) - set(current))
+
+
 def _availability(service: MqttService) -> dict[str, Any]:
     return {
         "availability_topic": service.topics.status,
@@ -40,6 +62,7 @@ def configs(service: MqttService) -> list[tuple[str, bytes]]:
     prefix = service.mqtt.home_assistant.discovery_prefix
     node = service.device_id
     device = _device(service)
+    origin = _origin()
     avail = _availability(service)
     telemetry = service.topics.telemetry
     out: list[tuple[str, dict[str, Any], str]] = []
@@ -51,10 +74,12 @@ def configs(service: MqttService) -> list[tuple[str, bytes]]:
                 {
                     "name": name,
                     "unique_id": f"{node}_{object_id}",
-                    "object_id": f"{node}_{object_id}",
+                    "default_entity_id": f"sensor.{entity_slug(f'{node}_{object_id}')}",
+                    "object_id": entity_slug(f"{node}_{object_id}"),  # HA before 2025.10
                     "state_topic": state_topic,
                     "value_template": template,
                     "device": device,
+                    "origin": origin,
                     **avail,
                     **extra,
                 },
@@ -123,13 +148,15 @@ def configs(service: MqttService) -> list[tuple[str, bytes]]:
                     {
                         "name": f"{name} anomaly",
                         "unique_id": f"{node}_{name}_anomaly",
-                        "object_id": f"{node}_{name}_anomaly",
+                        "default_entity_id": f"binary_sensor.{entity_slug(f'{node}_{name}_anomaly')}",
+                        "object_id": entity_slug(f"{node}_{name}_anomaly"),  # HA before 2025.10
                         "state_topic": results,
                         "value_template": "{{ 'ON' if value_json.anomaly else 'OFF' }}",
                         "payload_on": "ON",
                         "payload_off": "OFF",
                         "device_class": "problem",
                         "device": device,
+                        "origin": origin,
                         **avail,
                     },
                     f"{name}_anomaly",

@@ -13,6 +13,15 @@ What is dropped when the outbox is full, too old or the disk is full is decided 
 ``agent.mqtt.outbox_policy`` (its docstring is the documented drop policy); this module only does
 what it decides. Drop counters are kept in memory and restart at zero; messages persist.
 
+A full disk: appends fail and are dropped (counted). Deletes of acknowledged messages need room in the write-ahead
+log too; when one fails, the WAL is checkpointed (RESTART, so the next write reuses the space the WAL file already
+has) and the delete tried again; if it still fails, the ids wait in memory (the delete backlog): they are never
+handed out again by ``pending`` (so not sent twice while the agent runs), the delete is retried at most once a
+second and at ``close``, so once space returns they go and a restart sends nothing twice. Only a crash while the
+disk is still full can leave them to be sent once more (at least once). The WAL is checkpointed every
+``WAL_AUTOCHECKPOINT_PAGES`` pages and truncated to ``JOURNAL_SIZE_LIMIT`` after, so its size stays bounded
+whatever the traffic.
+
 Storage: one SQLite file, one connection shared by all threads under a lock. Ids come from
 ``AUTOINCREMENT`` and are never reused, so a late PUBACK for an evicted message cannot delete a
 newer message that would otherwise have been given the same id. The file is assumed to be used
@@ -74,7 +83,11 @@ CREATE INDEX messages_created_at ON messages (created_at);
 PRAGMA user_version = {SCHEMA_VERSION};
 """
 _CANDIDATE_PAGE = 1024
+WAL_AUTOCHECKPOINT_PAGES = 128  # about 512 KiB of WAL at 4 KiB pages (an append writes about 4 pages)
+JOURNAL_SIZE_LIMIT = 512 * 1024  # WAL bytes kept after a checkpoint: room deletes reuse on a full disk
+_BACKLOG_RETRY_S = 1.0
 _FULL = "full"  # episode key: appends are evicting older messages
+_BACKLOG = "delete_backlog"  # episode key: acknowledged messages could not be deleted
 
 
 class OutboxError(AgentError):
@@ -160,6 +173,8 @@ class Outbox:
         self._dropped = dict.fromkeys(DROP_REASONS, 0)
         self._episode: dict[str, int] = {}  # "full" / DISK_FULL / IO_ERROR -> drops since its warning was logged
         self._oversize_logged = False
+        self._backlog: set[int] = set()  # acknowledged ids whose delete failed: never handed out again
+        self._backlog_tried = 0.0
         self.moved_aside: list[Path] = []  # files this instance moved out of the way
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,7 +235,8 @@ class Outbox:
             log.warning("outbox_not_wal", path=str(self.path), journal_mode=mode)
         # WAL + NORMAL: a commit survives the process being killed, not necessarily power loss.
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
-        conn.execute("PRAGMA journal_size_limit=4194304")  # truncate the WAL to 4 MiB after checkpoints
+        conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+        conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")  # truncate the WAL after checkpoints
         if fresh:
             conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
         rows, size = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM messages").fetchone()
@@ -320,6 +336,7 @@ class Outbox:
                 return None
             self._episode_over(DISK_FULL)
             self._episode_over(IO_ERROR)
+            self._retry_backlog_locked()  # there was room for this one: maybe for the deletes too
             self._cond.notify_all()
             return row_id
 
@@ -400,32 +417,71 @@ class Outbox:
         self.ack_many((message_id,))
 
     def ack_many(self, ids: Iterable[int]) -> None:
-        """Delete several acknowledged messages in one transaction (idempotent)."""
-        ids = [int(i) for i in ids]
+        """Delete several acknowledged messages in one transaction (idempotent). When the delete fails (full disk),
+        the ids join the delete backlog: never handed out again, deleted as soon as the disk lets it."""
+        ids = {int(i) for i in ids}
         if not ids:
             return
         with self._cond:
             if self._closed:
                 return
+            self._delete_locked(ids | self._backlog)
+
+    def _delete_locked(self, ids: set[int]) -> bool:
+        """Delete ``ids``; on a full disk checkpoint the WAL and try once more; failing that, keep them in the
+        backlog (lock held)."""
+        self._backlog_tried = time.monotonic()
+        for attempt in (1, 2):
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 sizes = []
-                for message_id in ids:
+                for message_id in sorted(ids):
                     sizes += [
                         r[0]
                         for r in self._conn.execute("DELETE FROM messages WHERE id = ? RETURNING size", (message_id,))
                     ]
                 self._conn.execute("COMMIT")
+                break
             except sqlite3.Error as exc:
-                # The messages stay and are sent again later: a duplicate, never a loss.
                 self._rollback()
-                log.warning("outbox_ack_failed", error=str(exc), ids=len(ids))
                 if is_corrupt(exc):
+                    log.warning("outbox_ack_failed", error=str(exc), ids=len(ids))
                     self._recover_corrupt(exc)
-                return
-            self._rows -= len(sizes)
-            self._bytes -= sum(sizes)
-            self._acked += len(sizes)
+                    self._backlog.clear()  # the ids belonged to the file moved aside
+                    return False
+                if attempt == 1 and is_disk_full(exc) and self._checkpoint_restart():
+                    continue
+                new = ids - self._backlog
+                self._backlog |= ids
+                if _BACKLOG not in self._episode:  # one line per episode
+                    self._episode[_BACKLOG] = 0
+                    log.warning(
+                        "outbox_delete_deferred",
+                        path=str(self.path),
+                        error=str(exc),
+                        note="acknowledged messages are kept out of sending and deleted once the disk allows",
+                    )
+                self._episode[_BACKLOG] += len(new)
+                return False
+        self._rows -= len(sizes)
+        self._bytes -= sum(sizes)
+        self._acked += len(sizes)
+        self._backlog -= ids
+        if not self._backlog and _BACKLOG in self._episode:
+            log.info("outbox_delete_backlog_over", path=str(self.path), deleted=self._episode.pop(_BACKLOG))
+        return True
+
+    def _checkpoint_restart(self) -> bool:
+        """Copy the WAL into the database and make the next write start the WAL over (reusing its file's space)."""
+        try:
+            busy = self._conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0]
+        except sqlite3.Error:
+            return False
+        return busy == 0
+
+    def _retry_backlog_locked(self, force: bool = False) -> None:
+        if self._backlog and (force or time.monotonic() - self._backlog_tried >= _BACKLOG_RETRY_S):
+            self._delete_locked(set(self._backlog))
 
     # ----------------------------------------------------------------------------------- read
 
@@ -435,17 +491,19 @@ class Outbox:
             if self._closed:
                 return []
             self._expire_locked(self._clock())
+            self._retry_backlog_locked()
             try:
                 rows = self._conn.execute(
                     "SELECT id, topic, payload, qos, retain, priority, created_at FROM messages"
                     " WHERE id > ? ORDER BY id LIMIT ?",
-                    (int(after_id), int(limit)),
+                    (int(after_id), int(limit) + len(self._backlog)),
                 ).fetchall()
             except sqlite3.Error as exc:
                 log.error("outbox_read_failed", error=str(exc))
                 if is_corrupt(exc):
                     self._recover_corrupt(exc)
                 return []
+            rows = [r for r in rows if r[0] not in self._backlog][: int(limit)]  # acknowledged: never again
         return [OutboxMessage(r[0], r[1], bytes(r[2]), r[3], bool(r[4]), r[5], r[6]) for r in rows]
 
     def wait_for_pending(self, after_id: int = 0, timeout: float | None = None) -> bool:
@@ -453,8 +511,13 @@ class Outbox:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while not self._closed:
+                self._retry_backlog_locked()
                 try:
-                    if self._conn.execute("SELECT 1 FROM messages WHERE id > ? LIMIT 1", (int(after_id),)).fetchone():
+                    ids = self._conn.execute(
+                        "SELECT id FROM messages WHERE id > ? ORDER BY id LIMIT ?",
+                        (int(after_id), len(self._backlog) + 1),
+                    ).fetchall()
+                    if any(r[0] not in self._backlog for r in ids):
                         return True
                 except sqlite3.Error as exc:
                     log.error("outbox_read_failed", error=str(exc))
@@ -471,6 +534,7 @@ class Outbox:
             oldest = None
             if not self._closed:
                 self._expire_locked(now)
+                self._retry_backlog_locked()
                 with contextlib.suppress(sqlite3.Error):
                     oldest = self._oldest()
             return {
@@ -480,6 +544,7 @@ class Outbox:
                 "appended": self._appended,
                 "acked": self._acked,
                 "dropped": dict(self._dropped),
+                "delete_backlog": len(self._backlog),  # acknowledged, not yet deleted (full disk)
             }
 
     def close(self) -> None:
@@ -487,6 +552,9 @@ class Outbox:
         with self._cond:
             if self._closed:
                 return
+            self._retry_backlog_locked(force=True)
+            if self._backlog:
+                log.warning("outbox_closed_with_delete_backlog", count=len(self._backlog), note="sent again at start")
             self._closed = True
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()

@@ -26,7 +26,9 @@ counts every dropped message under exactly one reason:
 4. ``disk_full``: when the storage reports that the disk or the database is full (SQLITE_FULL),
    the new message is dropped and counted; older messages are kept (they are already durable), and
    any expiry or eviction planned for the new message is rolled back with it. One warning is
-   logged per episode (until an append succeeds again).
+   logged per episode (until an append succeeds again). Acknowledged messages whose delete the
+   full disk refuses are not dropped nor sent again: they wait in the delete backlog (telemetry
+   ``outbox.delete_backlog``) and are deleted once space returns (see ``agent.mqtt.outbox``).
 5. ``io_error``: any other storage error while appending: the new message is dropped and counted,
    the error logged. The caller (the pipeline) never sees an exception for a storage problem.
 

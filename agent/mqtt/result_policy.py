@@ -46,29 +46,42 @@ def above(record: dict[str, Any], threshold: float | None) -> bool:
 
 
 class ResultGate:
-    """Per-pipeline state for a ``PublishPolicy``; ``decide`` is called once per result, in order."""
+    """Per-pipeline state for a ``PublishPolicy``; ``decide`` is called once per result, in order.
+
+    ``max_rate = N`` is a minimum spacing of ``1/N`` s between published results (a result inside it is dropped,
+    not queued). With ``on_change`` a result counts as a change when it differs from the last *published* one,
+    so a change the spacing held back is published with the first result after the spacing that still shows it
+    (a change that was undone inside the spacing is not). Invariant: whenever a result arrives at least ``1/N``
+    s after the last publication, the last published signature equals that result's.
+    """
 
     def __init__(self, policy: PublishPolicy) -> None:
         self.policy = policy
-        self._last_signature: Any = object()
+        self._sent_signature: Any = object()  # of the last published result (on_change)
         self._last_sent_at: float | None = None
         self.suppressed = 0
+
+    @property
+    def min_interval(self) -> float | None:
+        """Seconds between published results under ``max_rate`` (a hair under 1/N against float rounding)."""
+        return 0.999 / self.policy.max_rate if self.policy.max_rate is not None else None
 
     def decide(self, record: dict[str, Any], now: float) -> bool:
         policy = self.policy
         passes = True
+        sig: Any = None
         if policy.mode == "on_change":
             sig = signature(record)
-            passes = sig != self._last_signature
-            # remember the change even when the rate cap holds it back: the next change is what counts
-            if passes:
-                self._last_signature = sig
+            passes = sig != self._sent_signature
         elif policy.mode == "above_threshold":
             passes = above(record, policy.threshold)
-        if passes and policy.max_rate is not None and self._last_sent_at is not None:
-            passes = (now - self._last_sent_at) >= 0.999 / policy.max_rate
+        spacing = self.min_interval
+        if passes and spacing is not None and self._last_sent_at is not None:
+            passes = (now - self._last_sent_at) >= spacing
         if passes:
             self._last_sent_at = now
+            if policy.mode == "on_change":
+                self._sent_signature = sig
         else:
             self.suppressed += 1
         return passes

@@ -21,12 +21,51 @@ from agent.mqtt.outbox import Outbox
 from agent.mqtt.outbox_policy import OutboxLimits
 from agent.mqtt.predict import PredictHandler, TokenBucket
 from agent.mqtt.result_policy import ResultGate
-from agent.protocol import EventPayload, ModelRef, StatusPayload, Topics, encode
+from agent.protocol import PLATFORMS, EventPayload, ModelRef, StatusPayload, Topics, encode
+from agent.protocol.ids import echo_id
 
 if TYPE_CHECKING:
     from agent.daemon import Daemon
 
 log = structlog.get_logger(__name__)
+
+
+def cpu_share(busy_before: float, total_before: float, busy_now: float, total_now: float) -> float:
+    """Percent of ``total`` time spent busy between two readings (0 when no time passed)."""
+    total = total_now - total_before
+    return round(max(0.0, min(100.0, 100.0 * (busy_now - busy_before) / total)), 1) if total > 0 else 0.0
+
+
+class CpuMeter:
+    """System and own-process CPU use since the previous reading (the first: since the meter was made).
+
+    The system figure is busy/total over all CPUs (as ``psutil.cpu_percent``); the process figure is this
+    process's CPU time per wall second (100 = one core busy; as ``top``), capped at 100 x CPUs.
+    """
+
+    def __init__(self) -> None:
+        self._proc = psutil.Process()
+        self._cpus = psutil.cpu_count() or 1
+        self._last = self._sample()
+
+    def _sample(self) -> tuple[float, float, float, float]:
+        times = psutil.cpu_times()
+        total = sum(times)
+        idle = times.idle + getattr(times, "iowait", 0.0)
+        own = self._proc.cpu_times()
+        return total - idle, total, own.user + own.system, time.monotonic()
+
+    def read(self, reset: bool = True) -> dict[str, float]:
+        now = self._sample()
+        busy0, total0, own0, wall0 = self._last
+        if reset:
+            self._last = now
+        wall = now[3] - wall0
+        process = 100.0 * (now[2] - own0) / wall if wall > 0 else 0.0
+        return {
+            "system": cpu_share(busy0, total0, now[0], now[1]),
+            "process": round(max(0.0, min(100.0 * self._cpus, process)), 1),
+        }
 
 
 class MqttService:
@@ -50,14 +89,21 @@ class MqttService:
         self.predict = PredictHandler(self)
         self.oversize_results = 0
         self._summary: dict[str, dict[str, Any]] = {}
-        self.link.subscribe(self.topics.predict, self.predict.on_message)
+        self.platform = PLATFORMS[self.mqtt.platform]
         self.commands = CommandHandler(self)
-        self.link.subscribe(self.topics.commands, self.commands.on_message)
+        if self.platform.subscriptions:  # Azure IoT Hub: no subscriptions outside its own topics
+            self.link.subscribe(self.topics.predict, self.predict.on_message)
+            self.link.subscribe(self.topics.commands, self.commands.on_message)
         self._ack_bucket = TokenBucket(10.0, 20, time.monotonic())
-        if self.mqtt.home_assistant.enabled:
+        self._announce_lock = threading.Lock()
+        self._announced: set[str] = set()  # discovery config topics published in this run
+        if self.mqtt.home_assistant.enabled and self.platform.discovery:
             self.link.subscribe(f"{self.mqtt.home_assistant.discovery_prefix}/status", self._on_ha_status)
-            self.link.on_connected(self.announce)
-        psutil.cpu_percent(interval=None)  # prime: the first call always returns 0
+        self.link.on_connected(self.announce)  # nothing to announce while discovery is off
+        self.cpu = CpuMeter()  # from now: the first telemetry's CPU figures cover start-up (model loads, warm-up)
+        self._wake = threading.Event()  # set on every (re)connect: telemetry goes out at once
+        self._final_sent = False
+        self.link.on_connected(self._wake.set)
 
     @staticmethod
     def _open_outbox(mqtt: MqttConfig, config: AgentConfig) -> Outbox:
@@ -78,7 +124,10 @@ class MqttService:
         self._telemetry.start()
 
     def stop(self, reason: str = "shutdown") -> None:
+        if reason == "shutdown":
+            self.final_telemetry()
         self._stop.set()
+        self._wake.set()
         self.predict.close()
         self.link.stop(reason)
         self.outbox.close()
@@ -200,6 +249,7 @@ class MqttService:
                 "stalled": p["stalled"],
             }
         outbox = self.outbox.stats()
+        cpu = self.cpu.read(reset=reset)
         return {
             "v": 1,
             "device_id": self.device_id,
@@ -209,7 +259,8 @@ class MqttService:
             "pipelines": pipelines,
             "pipeline_errors": snap["pipeline_errors"],
             "system": {
-                "cpu_percent": psutil.cpu_percent(interval=None),
+                "cpu_percent": cpu["system"],
+                "process_cpu_percent": cpu["process"],
                 "rss_mb": round(proc.memory_info().rss / 2**20, 1),
                 "load_1m": round(os.getloadavg()[0], 2),
                 "temperature_c": max(temps.values()) if temps else None,
@@ -225,11 +276,30 @@ class MqttService:
         }
 
     def _telemetry_loop(self) -> None:
-        while not self._stop.wait(self.mqtt.telemetry_interval):
-            try:
-                self.link.publish_durable(self.topics.telemetry, encode(self.telemetry()))
-            except Exception:  # telemetry must never take the agent down
-                log.exception("telemetry failed")
+        """Telemetry right after each (re)connect, then every ``telemetry_interval`` seconds."""
+        while True:
+            self._wake.wait(self.mqtt.telemetry_interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            self._send_telemetry()
+
+    def _send_telemetry(self) -> None:
+        try:
+            self.link.publish_durable(self.topics.telemetry, encode(self.telemetry()))
+        except Exception:  # telemetry must never take the agent down
+            log.exception("telemetry failed")
+
+    def final_telemetry(self) -> None:
+        """The last telemetry, at clean shutdown: queued before the offline status (``stop`` drains it first).
+
+        The daemon calls this while its pipelines still exist, so the figures describe them; ``stop`` calls it
+        otherwise. Sent once.
+        """
+        if self._final_sent or self._stop.is_set():
+            return
+        self._final_sent = True
+        self._send_telemetry()
 
     # ---- commands -------------------------------------------------------------------------------
 
@@ -237,28 +307,63 @@ class MqttService:
         """One acknowledgement per command on ``ack`` (refusals rate-limited: a flood of bad commands is no flood of acks)."""
         if not ok and not self._ack_bucket.allow(time.monotonic()):
             return
-        ack: dict[str, Any] = {"v": 1, "device_id": self.device_id, "command": command, "id": command_id, "ok": ok}
+        # the id is null unless it has an id's shape: never echo an unverified field as it came (docs/protocol.md)
+        ack: dict[str, Any] = {"v": 1, "device_id": self.device_id, "command": command, "id": echo_id(command_id)}
+        ack["ok"] = ok
         if error is not None:
             ack["error"] = error[:500]
         if result is not None:
             ack["result"] = result
         try:
-            data = encode({k: v for k, v in ack.items() if v is not None})
+            data = encode({k: v for k, v in ack.items() if v is not None or k == "id"})
         except (TypeError, ValueError) as exc:  # a result that is not JSON: say so rather than stay silent
             ack.pop("result", None)
             ack["ok"], ack["error"] = False, f"result not serialisable: {exc}"
-            data = encode({k: v for k, v in ack.items() if v is not None})
+            data = encode({k: v for k, v in ack.items() if v is not None or k == "id"})
         if len(data) > self.mqtt.max_payload_bytes:
             ack["result"] = {"truncated": True, "keys": sorted(result) if isinstance(result, dict) else None}
-            data = encode({k: v for k, v in ack.items() if v is not None})
+            data = encode({k: v for k, v in ack.items() if v is not None or k == "id"})
         self.link.publish_now(self.topics.ack, data)
 
     # ---- Home Assistant -----------------------------------------------------------------------
 
     def announce(self) -> None:
-        for topic, payload in discovery.configs(self):
-            self.link.publish_now(topic, payload, qos=1, retain=True)
-        log.info("home assistant discovery announced")
+        """Publish every discovery config (retained); clear, with an empty retained payload, those announced
+        earlier in this run that the current configuration no longer has (a pipeline removed by a reload)."""
+        with self._announce_lock:
+            enabled = self.mqtt.home_assistant.enabled and self.platform.discovery
+            current = discovery.configs(self) if enabled else []
+            pending = set()  # not cleared (offline): tried again at the next announce (each reconnect)
+            for topic in discovery.stale(self._announced, [t for t, _ in current]):
+                if self.link.publish_now(topic, b"", qos=1, retain=True):
+                    log.info("home assistant entity removed", topic=topic)
+                else:
+                    pending.add(topic)
+            for topic, payload in current:
+                self.link.publish_now(topic, payload, qos=1, retain=True)
+            self._announced = {t for t, _ in current} | pending
+        if current:
+            log.info("home assistant discovery announced", entities=len(current))
+
+    def apply_config(self, config: AgentConfig) -> None:
+        """A reloaded configuration, applied before the new pipelines start: result policies and Home Assistant
+        settings follow it (``announce`` once the pipelines run). The connection itself (broker, credentials,
+        topic prefix, platform) keeps its settings until a restart.
+        """
+        if config.mqtt is None:  # [mqtt] removed: the connection stays up until a restart, as it was
+            log.warning("reload: [mqtt] removed from the config; the MQTT connection keeps running until a restart")
+            return
+        old_ha = self.mqtt.home_assistant
+        self.config = config
+        self.mqtt = self.mqtt.model_copy(
+            update={"results": config.mqtt.results, "home_assistant": config.mqtt.home_assistant}
+        )
+        self._gates = {}  # a changed policy applies to the next result
+        new_ha = self.mqtt.home_assistant
+        if old_ha.enabled and (not new_ha.enabled or new_ha.discovery_prefix != old_ha.discovery_prefix):
+            self.link.unsubscribe(f"{old_ha.discovery_prefix}/status")
+        if new_ha.enabled and self.platform.discovery:
+            self.link.subscribe(f"{new_ha.discovery_prefix}/status", self._on_ha_status)
 
     def _on_ha_status(self, message: Any) -> None:
         if message.payload.strip() == b"online":

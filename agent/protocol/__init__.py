@@ -106,6 +106,97 @@ class Topics:
         return topic.startswith(self.prefix)
 
 
+# The topic registry: every topic the agent uses under its device prefix (``<x>``: one level filled in at run time),
+# with its direction. Outside the prefix it uses ``fleet/targets/<sha256>/<chunk_size>/<index>`` (updates, in) and,
+# with Home Assistant discovery, ``<discovery_prefix>/<component>/<node>/<object>/config`` (out) and
+# ``<discovery_prefix>/status`` (in).
+DEVICE_TOPICS: dict[str, Literal["in", "out"]] = {
+    "status": "out",
+    "telemetry": "out",
+    "events": "out",
+    "results/<pipeline>": "out",
+    "ack": "out",
+    "predict": "in",
+    "predict/reply": "out",
+    "cmd/<name>": "in",
+    "update/deploy": "in",
+    "update/fetch": "out",
+    "update/file": "in",
+    "update/chunks": "out",
+    "update/status": "out",
+    "update/state/<pipeline>": "out",
+}
+FLEET_TOPICS = ("fleet/targets/<sha256>/<chunk_size>/<index>",)
+AZURE_PREFIX_TEMPLATE = "devices/{device_id}/messages/events/"
+AWS_MAX_TOPIC_SLASHES = 7  # AWS IoT Core: at most 7 forward slashes in a topic name or filter
+
+
+@dataclass(frozen=True)
+class PlatformProfile:
+    """What an MQTT platform can carry (``[mqtt] platform``); the agent turns off what it cannot."""
+
+    name: Literal["generic", "aws", "azure"]
+    subscriptions: bool = True  # predict, cmd/+, update topics, <discovery_prefix>/status
+    retain: bool = True  # retained status (and LWT), discovery configs, update states
+    discovery: bool = True  # Home Assistant discovery
+    max_topic_slashes: int | None = None
+
+
+PLATFORMS: dict[str, PlatformProfile] = {
+    "generic": PlatformProfile("generic"),
+    "aws": PlatformProfile("aws", max_topic_slashes=AWS_MAX_TOPIC_SLASHES),
+    # IoT Hub: device-to-cloud only on devices/<id>/messages/events/, subscriptions only to its own topics,
+    # nothing retained
+    "azure": PlatformProfile("azure", subscriptions=False, retain=False, discovery=False),
+}
+
+
+def topic_prefix_problem(template: str, platform: str = "generic") -> tuple[str, str] | None:
+    """Why ``[mqtt] topic_prefix`` cannot be used on ``platform`` and the fix, or None when it can.
+
+    ``template`` may hold ``{device_id}`` (a device id has no '/', '+', '#' or '$'), so the checks hold for
+    every device.
+    """
+    try:
+        prefix = template.format(device_id="DEVICE")
+    except (KeyError, IndexError, ValueError):
+        return f"{template!r} holds braces other than {{device_id}}", "use only the placeholder {device_id}"
+    if platform == "azure":
+        if not re.fullmatch(r"devices/(\{device_id\}|[A-Za-z0-9_.:-]{1,128})/messages/events/", template):
+            return (
+                f"{template!r} is not an Azure IoT Hub device-to-cloud topic",
+                f"set it to {AZURE_PREFIX_TEMPLATE!r} or leave it unset",
+            )
+        return None
+    if prefix.startswith("$"):
+        what = (
+            "$aws/ topics are reserved by AWS IoT Core" if prefix.startswith("$aws/") else "'$' topics are the broker's"
+        )
+        return f"{template!r}: {what}", "use a prefix without '$', e.g. 'things/{device_id}/'"
+    if any(c in prefix for c in "+#\0"):
+        return f"{template!r} holds a wildcard '+' or '#'", "remove it, e.g. 'edge/{device_id}/'"
+    if not prefix.endswith("/"):
+        return f"{template!r} does not end with '/'", f"write {template + '/'!r}"
+    if "" in prefix[:-1].split("/"):
+        return f"{template!r} has an empty topic level (a leading '/' or '//')", "remove the extra '/'"
+    profile = PLATFORMS.get(platform)
+    if profile is not None and profile.max_topic_slashes is not None:
+        deepest = deepest_device_topic(prefix)
+        if deepest.count("/") > profile.max_topic_slashes:
+            room = profile.max_topic_slashes - (deepest.count("/") - prefix.count("/"))
+            return (
+                f"{template!r} is too deep for AWS IoT Core: {deepest!r} has {deepest.count('/')} '/' "
+                f"(at most {profile.max_topic_slashes})",
+                f"shorten the prefix to at most {room} levels, e.g. 'things/{{device_id}}/'",
+            )
+    return None
+
+
+def deepest_device_topic(prefix: str) -> str:
+    """The registry topic under ``prefix`` with the most levels (the one a platform's depth limit bites first)."""
+    return max((prefix + suffix for suffix in DEVICE_TOPICS), key=lambda t: t.count("/"))
+
+
 def discovery_topic(discovery_prefix: str, component: str, node_id: str, object_id: str) -> str:
     """Home Assistant MQTT discovery config topic."""
     node = re.sub(r"[^A-Za-z0-9_-]", "_", node_id)

@@ -157,7 +157,11 @@ class DeployCommand(BaseModel):
     rollback: bool = False  # explicit signed rollback to a version the device ran before
     shadow_frames: int = Field(default=0, ge=0, le=100_000)
     shadow_agreement: float = Field(default=0.9, ge=0, le=1)
+    # the health window after activation; unset: the pipeline's [pipelines.NAME.health], then the device's [update]
     health_window_s: float | None = Field(default=None, gt=0, le=86_400)
+    health_latency_factor: float | None = Field(default=None, gt=0, le=100)
+    health_latency_floor_ms: float | None = Field(default=None, ge=0, le=600_000)
+    health_min_results: int | None = Field(default=None, ge=0, le=1_000_000)
 
     @model_validator(mode="after")
     def _addressed(self) -> DeployCommand:

@@ -116,5 +116,5 @@ def load_model(
         return model
     raise RuntimeUnavailable(
         f"no usable runtime for {path.name}: " + "; ".join(reasons),
-        "pip install 'edge-agent[litert]'" if fmt == "tflite" else "pip install 'edge-agent[onnx]'",
+        "pip install 'edge-inference-agent[litert]'" if fmt == "tflite" else "pip install 'edge-inference-agent[onnx]'",
     )

@@ -28,7 +28,7 @@ def probe() -> str:
         from ai_edge_litert import interpreter  # noqa: F401
     except ImportError as exc:
         raise RuntimeUnavailable(
-            f"ai-edge-litert is not importable: {exc}", "pip install 'edge-agent[litert]'"
+            f"ai-edge-litert is not importable: {exc}", "pip install 'edge-inference-agent[litert]'"
         ) from None
     try:
         return metadata.version("ai-edge-litert")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,9 @@ def probe() -> str:
     try:
         import onnxruntime
     except ImportError as exc:
-        raise RuntimeUnavailable(f"onnxruntime is not importable: {exc}", "pip install 'edge-agent[onnx]'") from None
+        raise RuntimeUnavailable(
+            f"onnxruntime is not importable: {exc}", "pip install 'edge-inference-agent[onnx]'"
+        ) from None
     return onnxruntime.__version__
 
 
@@ -64,6 +67,40 @@ def choose_providers(wanted: list[str] | None, available: list[str]) -> list[str
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
     return chosen
+
+
+def missing_providers(wanted: list[str] | None, chosen: list[str]) -> list[str]:
+    """Providers asked for by name (not the built-in default order) that will not run here."""
+    return [p for p in (wanted or []) if p not in chosen]
+
+
+def provider_warning(missing: list[str], chosen: list[str]) -> str:
+    """One line naming the requested providers that are missing and what runs instead."""
+    names = ", ".join(missing)
+    return (
+        f"execution provider{'s' if len(missing) > 1 else ''} {names} not available here: "
+        f"running on {', '.join(chosen)} instead (see `edge-agent runtimes`)"
+    )
+
+
+_quiet = False
+
+
+def quiet_logger(ort: Any) -> None:
+    """Silence ONNX Runtime's own logger (coloured lines on stderr, even into a pipe): errors reach the user once,
+    through our exceptions."""
+    global _quiet
+    if not _quiet:
+        ort.set_default_logger_severity(4)  # fatal only: errors come back as exceptions
+        _quiet = True
+
+
+def ort_message(exc: BaseException) -> str:
+    """ONNX Runtime's exception text, without its status prefix and source-file locations, on one line."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : ", "", text)
+    text = re.sub(r"/onnxruntime_src/\S+:\d+ (\S+\([^)]*\)(?: \[with [^]]*\])? )?", "", text)
+    return text[:300]
 
 
 def check_onnx_file(path: Path) -> None:
@@ -96,15 +133,16 @@ class OnnxRuntimeModel(Model):
         import onnxruntime as ort
 
         check_onnx_file(path)
+        quiet_logger(ort)
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # errors reach the user through our exceptions, not ORT's coloured log
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         chosen = choose_providers(providers, available_providers())
-        missing = [p for p in (providers or []) if p not in chosen]
+        missing = missing_providers(providers, chosen)
         if missing:
-            log.info("execution providers not available here, skipped", missing=missing, using=chosen)
+            log.warning(provider_warning(missing, chosen))
         options_for = provider_options or {}
         with_options = [(p, {k: str(v) for k, v in options_for[p].items()}) if p in options_for else p for p in chosen]
         try:
@@ -123,14 +161,15 @@ class OnnxRuntimeModel(Model):
             providers=list(self._session.get_providers()),
         )
         self._output_names = [t.name for t in self.info.outputs]
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
 
     def run_raw(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         feed = {t.name: a for t, a in zip(self.info.inputs, inputs, strict=True)}
         try:
-            return list(self._session.run(self._output_names, feed))
+            return list(self._session.run(self._output_names, feed, self._run_options))
         except Exception as exc:  # invalid shapes/types surface as onnxruntime exceptions
-            msg = " ".join(str(exc).split())[:300]
-            raise InputError(f"inference failed: {msg}", "check the input shapes and dtypes") from None
+            raise InputError(f"inference failed: {ort_message(exc)}", "check the input shapes and dtypes") from None
 
     def close(self) -> None:
         self._session = None  # type: ignore[assignment]

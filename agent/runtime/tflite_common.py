@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 import tempfile
@@ -184,13 +185,31 @@ def load_with(
     """Load ``path`` with an interpreter module (LiteRT's or tflite-runtime's: same API)."""
     loaded = []
     for lib in delegates or []:
-        try:
-            loaded.append(module.load_delegate(lib))
-        except (ValueError, OSError) as exc:
+        failure = _load_delegate(module, lib, loaded)
+        if failure is not None:
             raise ModelLoadError(
-                f"delegate {lib!r} failed to load: {exc}", "install it or remove it from delegates"
-            ) from None
+                f"delegate {lib!r} failed to load: {failure}",
+                "install the delegate library, give its full path, or leave --delegate / delegates out",
+            )
     return TFLiteModel(path, module.Interpreter, runtime, version, threads=threads, delegates=loaded)
+
+
+def _load_delegate(module: Any, lib: str, loaded: list[Any]) -> str | None:
+    """Load one delegate into ``loaded``; on failure return the reason, with the runtime's own noise kept off stderr
+    (its half-made Delegate object raises again in ``__del__``, which Python would print as a traceback)."""
+    failure: str | None = None
+    saved_hook = sys.unraisablehook
+    sys.unraisablehook = lambda _: None
+    try:
+        with quiet_native_stderr():
+            try:
+                loaded.append(module.load_delegate(lib))
+            except (ValueError, OSError, RuntimeError, AttributeError) as exc:
+                failure = " ".join(str(exc).split())[:300] or type(exc).__name__
+            gc.collect()
+    finally:
+        sys.unraisablehook = saved_hook
+    return failure
 
 
 def _explain(path: Path, exc: BaseException) -> str:

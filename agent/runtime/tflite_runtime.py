@@ -42,11 +42,11 @@ def probe() -> str:
         from tflite_runtime import interpreter  # noqa: F401
     except ImportError as exc:
         raise RuntimeUnavailable(
-            f"tflite-runtime is not importable: {exc}", "pip install 'edge-agent[tflite]' (needs NumPy < 2)"
+            f"tflite-runtime is not importable: {exc}", "pip install 'edge-inference-agent[tflite]' (needs NumPy < 2)"
         ) from None
     if problem:
         raise RuntimeUnavailable(
-            problem, "use ai-edge-litert (pip install 'edge-agent[litert]') or pip install 'numpy<2'"
+            problem, "use ai-edge-litert (pip install 'edge-inference-agent[litert]') or pip install 'numpy<2'"
         )
     try:
         return metadata.version("tflite-runtime")

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from agent.sources.base import Backoff, Sample, Source
 
 TYPE = "serial"
-PYSERIAL_MISSING = "pyserial is not installed: pip install 'edge-agent[serial]'"
+PYSERIAL_MISSING = "pyserial is not installed: pip install 'edge-inference-agent[serial]'"
 # pyserial's Serial.BAUDRATES plus rates common on microcontrollers (MIDI, Marlin/Arduino 250000, ...).
 STANDARD_BAUDRATES = (
     50, 75, 110, 134, 150, 200, 300, 600, 1200, 1800, 2400, 4800, 9600, 14400, 19200, 28800, 31250, 38400,
@@ -219,7 +219,7 @@ class SerialSource(Source):
         serial = _pyserial()
         if serial is None:
             port = self.config.port
-            return f"pyserial is not installed, needed for serial port {port} (fix: pip install 'edge-agent[serial]')"
+            return f"pyserial is not installed, needed for serial port {port} (fix: pip install 'edge-inference-agent[serial]')"
         try:
             port = self._make_port(serial)
         except Exception as exc:

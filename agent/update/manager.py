@@ -23,8 +23,11 @@ import structlog
 
 from agent.bundle import load_bundle
 from agent.errors import AgentError
+from agent.pipeline import pipeline_rate
 from agent.protocol import ProtocolError, encode
+from agent.protocol.ids import echo_id
 from agent.protocol.update import (
+    TARGET_PATH,
     DeployCommand,
     SignedEnvelope,
     UpdateStatus,
@@ -83,10 +86,12 @@ STOP = object()
 
 @dataclass
 class _Trial:
-    """A model in its health window; ``previous`` is kept open for an instant rollback."""
+    """A model in its health window; ``previous`` is kept open for an instant rollback (and a paired re-timing on
+    ``last_input``, the latest input the new model answered)."""
 
     window: health_rules.HealthWindow
     previous: Predictor | None
+    last_input: Any = None
 
 
 @dataclass
@@ -111,6 +116,7 @@ class UpdateManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._trials: dict[str, _Trial] = {}
+        self._swapped_at: dict[str, int] = {}  # pipeline -> its processed count at the last hot swap
         self._shadows: dict[str, _Shadow] = {}
         self._lock = threading.Lock()
         self.mqtt: Any = None
@@ -315,7 +321,47 @@ class UpdateManager:
         if not accepted:
             self._step(name, state, Reject(reason or "refused"))
             return
+        try:
+            shortfall = health_rules.window_shortfall(self._policy(name, command), self._result_rate(name))
+        except ValueError as exc:
+            shortfall = f"health settings: {exc}"
+        if shortfall is not None:
+            self._step(name, state, Reject(shortfall))
+            return
         self._run(name, command)
+
+    def _policy(self, name: str, command: DeployCommand | None) -> health_rules.HealthPolicy:
+        """The health window's policy: the deployment's settings over the pipeline's over ``[update]``."""
+        cfg = self.cfg
+        defaults = {
+            "window_s": cfg.health_window_s,
+            "min_results": cfg.health_min_results,
+            "max_error_rate": cfg.health_max_error_rate,
+            "latency_factor": cfg.health_latency_factor,
+            "latency_floor_ms": cfg.health_latency_floor_ms,
+        }
+        deployment = {}
+        if command is not None:
+            deployment = {
+                "window_s": command.health_window_s,
+                "min_results": command.health_min_results,
+                "latency_factor": command.health_latency_factor,
+                "latency_floor_ms": command.health_latency_floor_ms,
+            }
+        return health_rules.resolve_policy(defaults, self.config.pipelines[name].health.model_dump(), deployment)
+
+    def _result_rate(self, name: str) -> float | None:
+        """Results a second the pipeline can give: what it gave over up to the last minute, capped by its source's
+        nominal rate (after max_fps and the model's stride; a backlog caught up in a burst must not count as a
+        faster source); either alone when the other is unknown; None when neither is known."""
+        pipeline = self.daemon.pipelines.get(name)
+        if pipeline is None:
+            return None
+        observed = pipeline.stats.rates()[1]
+        nominal = pipeline_rate(pipeline.config, pipeline.predictor, pipeline.source.nominal_rate)
+        if observed > 0 and nominal is not None and nominal > 0:
+            return min(observed, nominal)
+        return observed if observed > 0 else nominal
 
     def _running_version(self, name: str) -> str:
         pipeline = self.daemon.pipelines.get(name)
@@ -479,12 +525,7 @@ class UpdateManager:
                 except queue.Empty:
                     continue
                 try:
-                    if candidate.kind == "timeseries":
-                        result = candidate.predict_window(data).result
-                    elif candidate.kind == "image":
-                        result = candidate.predict_image(data).result
-                    else:
-                        result = candidate.predict_tensors([data]).result
+                    result = _predict(candidate, data).result
                 except AgentError:
                     tally.add(0.0)
                     continue
@@ -497,7 +538,16 @@ class UpdateManager:
         candidate = self._candidates.pop(name, None)
         if candidate is None:  # resumed after a restart between validation and activation
             return self._step(name, state, Fail("validated model lost in a restart"))
-        state = self._step(name, state, Activate())
+        pipeline = self.daemon.pipelines.get(name)
+        try:
+            policy = self._policy(name, self._read_command(name))
+        except ValueError as exc:
+            candidate.close()
+            return self._step(name, state, Fail(f"health settings: {exc}"))
+        # measured before the swap and persisted with the state: a restart in trial must not judge the new model
+        # against its own first runs
+        baseline = _fault_baseline(_running_p95(pipeline, self._swapped_at.get(name, 0)))
+        state = self._step(name, state, Activate(baseline_p95_ms=baseline, health=policy))
         slots = self.slots[name]
         old_slot = slots.active_slot()
         try:
@@ -505,38 +555,39 @@ class UpdateManager:
         except AgentError as exc:
             candidate.close()
             return self._step(name, state, ActivationFailed(exc.problem))
-        pipeline = self.daemon.pipelines.get(name)
         previous = pipeline.swap_predictor(candidate) if pipeline is not None else None
+        self._mark_swap(name, pipeline)
         log.info("model activated", pipeline=name, version=state.target.version, previous_slot=old_slot)
         state = self._step(name, state, Activated())
         self._announce_models()
-        self._trials[name] = _Trial(self._health_window(name, pipeline), previous)
+        self._trials[name] = _Trial(self._health_window(name, state, pipeline), previous)
         return state
 
-    def _health_window(self, name: str, pipeline: Any) -> health_rules.HealthWindow:
-        baseline = None
-        if pipeline is not None:
-            baseline = pipeline.stats.snapshot()["inference_ms"].get("p95") or None
-        budget = None
-        if pipeline is not None:
-            budget = pipeline.predictor.bundle.metadata.budget.latency_ms
-        policy = health_rules.HealthPolicy(
-            window_s=self._trial_window(name),
-            min_results=self.cfg.health_min_results,
-            max_error_rate=self.cfg.health_max_error_rate,
+    def _health_window(self, name: str, state: UpdateState, pipeline: Any) -> health_rules.HealthWindow:
+        """The window of ``state``'s trial, with the baseline and policy persisted at activation (an update
+        activated by an older agent has none: its policy comes from the settings, and no baseline is guessed)."""
+        policy = state.health
+        if policy is None:
+            try:
+                policy = self._policy(name, self._read_command(name))
+            except ValueError:
+                policy = health_rules.HealthPolicy()
+        budget = pipeline.predictor.bundle.metadata.budget.latency_ms if pipeline is not None else None
+        log.info(
+            "health window",
+            pipeline=name,
+            window_s=policy.window_s,
+            min_results=policy.min_results,
+            baseline_p95_ms=state.baseline_p95_ms,
+            latency_factor=policy.latency_factor,
+            latency_floor_ms=policy.latency_floor_ms,
         )
-        return health_rules.HealthWindow(policy, time.monotonic(), baseline, budget)
-
-    def _trial_window(self, name: str) -> float:
-        command = self._read_command(name)
-        if command is not None and command.health_window_s:
-            return command.health_window_s
-        return self.cfg.health_window_s
+        return health_rules.HealthWindow(policy, time.monotonic(), state.baseline_p95_ms, budget)
 
     def _begin_trial(self, name: str, state: UpdateState, command: DeployCommand | None) -> None:
         if name not in self._trials:  # resumed after a restart: the health window starts again
             pipeline = self.daemon.pipelines.get(name)
-            self._trials[name] = _Trial(self._health_window(name, pipeline), None)
+            self._trials[name] = _Trial(self._health_window(name, state, pipeline), None)
         threading.Thread(target=self._watch_trial, args=(name,), name=f"trial-{name}", daemon=True).start()
 
     def _watch_trial(self, name: str) -> None:
@@ -548,8 +599,63 @@ class UpdateManager:
                 verdict = trial.window.verdict(time.monotonic())
             if verdict.ok is None:
                 continue
-            self._finish_trial(name, trial, verdict.ok, verdict.reason)
+            if verdict.retime:  # slower than the baseline measured before the swap: time both again, side by side
+                verdict = self._retime(name, trial)
+                if self._stop.is_set():
+                    return  # stopping: the trial resumes on the next start
+            self._finish_trial(name, trial, bool(verdict.ok), verdict.reason)
             return
+
+    def _retime(self, name: str, trial: _Trial) -> health_rules.HealthVerdict:
+        """Paired re-timing: the previous model (still open, else loaded from its slot) and a second instance of the
+        new one run alternately on the latest input, under the load of this moment, for at most
+        ``RETIME_PAIRS`` pairs or ``RETIME_MAX_S`` seconds; the window judges from that. Anything that fails here
+        leaves the suspected verdict standing."""
+        opened: list[Predictor] = []
+        new_ms: list[float] = []
+        previous_ms: list[float] = []
+        try:
+            data = trial.last_input
+            pipe = self.config.pipelines[name]
+            slots = self.slots[name]
+            active, before = slots.active_path(), slots.previous_path()
+            previous = trial.previous
+            if data is None or active is None or (previous is None and before is None):
+                raise AgentError("no input seen or no previous slot to time")
+            if previous is None:
+                previous = self.daemon.open_predictor(pipe, str(before))
+                opened.append(previous)
+            second = self.daemon.open_predictor(pipe, str(active))
+            opened.append(second)
+            for model in (second, previous):  # warm-up runs, not timed
+                _predict(model, data)
+            deadline = time.monotonic() + health_rules.RETIME_MAX_S
+            for i in range(health_rules.RETIME_PAIRS):
+                order = ((second, new_ms), (previous, previous_ms))
+                for model, out in order if i % 2 == 0 else order[::-1]:
+                    started = time.perf_counter()
+                    _predict(model, data)
+                    out.append((time.perf_counter() - started) * 1000.0)
+                if time.monotonic() > deadline or self._stop.is_set():
+                    break
+        except (AgentError, OSError, ValueError) as exc:
+            log.warning("paired re-timing not possible", pipeline=name, error=str(exc))
+            new_ms, previous_ms = [], []
+        finally:
+            for model in opened:
+                with contextlib.suppress(Exception):
+                    model.close()
+        with self._lock:
+            verdict = trial.window.confirm_latency(new_ms, previous_ms)
+        log.info(
+            "health window latency re-timed",
+            pipeline=name,
+            pairs=min(len(new_ms), len(previous_ms)),
+            new_median_ms=_rounded_median(new_ms),
+            previous_median_ms=_rounded_median(previous_ms),
+            ok=verdict.ok,
+        )
+        return verdict
 
     def _finish_trial(self, name: str, trial: _Trial, ok: bool, reason: str | None) -> None:
         self._trials.pop(name, None)
@@ -584,6 +690,12 @@ class UpdateManager:
                 log.error("previous model does not load", pipeline=name, error=str(exc))
                 return
         pipeline.swap_predictor(previous).close()
+        self._mark_swap(name, pipeline)
+
+    def _mark_swap(self, name: str, pipeline: Any) -> None:
+        """Remember where the model changed: the next baseline is taken from the inferences after this point."""
+        if pipeline is not None:
+            self._swapped_at[name] = pipeline.stats.processed
 
     def diagnostics(self) -> dict[str, Any]:
         """Update state per pipeline for the ``diagnostics`` command."""
@@ -610,6 +722,8 @@ class UpdateManager:
             finite = prediction is None or _all_finite(prediction.result)
             with self._lock:
                 trial.window.observe(time.monotonic(), error is None, infer_ms, finite)
+            if prediction is not None:
+                trial.last_input = sample.data
         shadow = self._shadows.get(name)
         if shadow is not None and prediction is not None:
             with contextlib.suppress(queue.Full):
@@ -664,16 +778,21 @@ class UpdateManager:
             self._last_rejection_log = now
             log.warning("deployment command refused", state=state, reason=reason)
         pipeline = signed.get("pipeline") if isinstance(signed.get("pipeline"), str) else None
+        # the command is unverified here: echo its id, seq and target only when they have the protocol's shape
+        envelope_id = echo_id(signed.get("id", envelope_id))  # as sent, not cut to length: cut, it would pass
+        seq = signed.get("seq")
+        seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**63 else 0
+        target = signed.get("target")
         status = {
             "v": 1,
             "device_id": self.config.device_id,
             "ts": round(time.time(), 3),
-            "update_id": f"{envelope_id or 'unknown'}/{signed.get('seq', 0)}",
+            "update_id": f"{envelope_id or 'unknown'}/{seq}",
             "command_id": envelope_id,
             "pipeline": pipeline if pipeline in self.config.pipelines else next(iter(self.config.pipelines)),
             "state": state,
             "reason": reason[:500],
-            "target": signed.get("target") if isinstance(signed.get("target"), str) else None,
+            "target": target if isinstance(target, str) and TARGET_PATH.fullmatch(target) else None,
         }
         self._publish(encode({k: v for k, v in status.items() if v is not None}))
 
@@ -717,8 +836,39 @@ def _fault_hold(state: str) -> float:
         return 0.0
 
 
+def _fault_baseline(measured: float | None) -> float | None:
+    """Test hook: ``EDGE_AGENT_FAULT_BASELINE_MS=0.001`` replaces the previous model's measured p95 (as if it had
+    been measured on a far less busy CPU), so that a test can make the latency rule trip on a model as fast as the
+    old one and see the paired re-timing decide."""
+    try:
+        return float(os.environ["EDGE_AGENT_FAULT_BASELINE_MS"])
+    except (KeyError, ValueError):
+        return measured
+
+
 class _Interrupted(Exception):
     """The agent is stopping: leave the persisted state as it is (it resumes on the next start)."""
+
+
+def _predict(predictor: Predictor, data: Any) -> Prediction:
+    """One prediction on a pipeline's sample data, whatever the model's input kind."""
+    if predictor.kind == "timeseries":
+        return predictor.predict_window(data)
+    if predictor.kind == "image":
+        return predictor.predict_image(data)
+    return predictor.predict_tensors([data])
+
+
+def _running_p95(pipeline: Any, swapped_at: int) -> float | None:
+    """The running model's p95 inference time (ms) before a swap (``health.baseline_p95``); None when unknown."""
+    if pipeline is None:
+        return None
+    return health_rules.baseline_p95(list(pipeline.stats.infer_ms), pipeline.stats.processed, swapped_at)
+
+
+def _rounded_median(values: list[float]) -> float | None:
+    median = health_rules.median_of(values)
+    return None if median is None else round(median, 3)
 
 
 def _all_finite(value: Any) -> bool:

@@ -35,6 +35,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from agent.protocol.update import UPDATE_STATES
+from agent.update.health import HealthPolicy
 
 STATES: tuple[str, ...] = UPDATE_STATES  # the wire contract's names, in lifecycle order
 TERMINAL: frozenset[str] = frozenset({"rejected", "committed", "rolled_back", "failed"})
@@ -111,6 +112,10 @@ class UpdateState:
     validated: bool = False
     needs_slot_check: bool = False
     progress_mark: int = 0  # progress when downloading was last (re)entered: a resume that made progress is no loop
+    # set at Activate, before the swap, and kept across restarts: the health window of a resumed trial judges the new
+    # model against the previous model's p95 (not against its own early runs) under the policy it started with
+    baseline_p95_ms: float | None = None
+    health: HealthPolicy | None = None
 
     def __post_init__(self) -> None:
         for error in invariant_errors(self):
@@ -162,6 +167,8 @@ def invariant_errors(s: UpdateState) -> list[str]:
         errors.append(f"state {s.state} without a passed validation")
     if s.state in {"offered", "downloading", "downloaded"} and s.validated:
         errors.append(f"state {s.state} marked validated")
+    if s.baseline_p95_ms is not None and not (0.0 <= s.baseline_p95_ms < float("inf")):
+        errors.append(f"baseline_p95_ms {s.baseline_p95_ms} is not a finite value >= 0")
     return errors
 
 
@@ -247,7 +254,15 @@ class ShadowResult:
 
 @dataclass(frozen=True)
 class Activate:
-    pass
+    """Switch to the candidate; ``baseline_p95_ms`` (the running model's p95, measured before the swap) and
+    ``health`` (the window's policy) are persisted with the state so that a restart in ``trial`` keeps them."""
+
+    baseline_p95_ms: float | None = None
+    health: HealthPolicy | None = None
+
+    def __post_init__(self) -> None:
+        if self.baseline_p95_ms is not None and not (0.0 <= self.baseline_p95_ms < float("inf")):
+            raise ValueError(f"Activate.baseline_p95_ms must be a finite value >= 0, got {self.baseline_p95_ms}")
 
 
 @dataclass(frozen=True)
@@ -454,7 +469,7 @@ def _activate(s: UpdateState, e: Activate, now: float) -> UpdateState:
         raise InvalidTransition(s.state, e, "validation has not passed")
     if s.state == "shadow" and s.agreement is None:
         raise InvalidTransition(s.state, e, "no shadow result yet")
-    return _enter(s, "activating", now)
+    return _enter(s, "activating", now, baseline_p95_ms=e.baseline_p95_ms, health=e.health)
 
 
 @_on(["activating"], Activated)

@@ -7,6 +7,8 @@ metadata, key rotation through root versions); this wrapper only turns its error
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,9 +71,12 @@ def install_trust_root(metadata_dir: Path, trust_root: Path | None) -> None:
 
 
 def root_summary(path: Path) -> tuple[str, Any]:
-    """``("root v3, expires ..., 2 command key(s)", command keys field)``; AgentError when it is not TUF root metadata."""
+    """``("root v3, expires ..., 2 command key(s)", command keys field)``; AgentError when it is not TUF root metadata.
+
+    Read from another process (``edge-agent check`` beside a running daemon), ``root.json`` may be missing for a
+    moment while the daemon's updater re-links it: a missing file is looked for again a few times first."""
     try:
-        root = Metadata[Root].from_bytes(Path(path).read_bytes()).signed
+        root = Metadata[Root].from_bytes(_read_settled(Path(path))).signed
     except FileNotFoundError:
         raise AgentError(f"trust root {path} does not exist", "fix [update].trust_root") from None
     except Exception as exc:
@@ -84,15 +89,34 @@ def root_summary(path: Path) -> tuple[str, Any]:
     return f"root v{root.version}, expires {expires}, {keys} command key(s)", field
 
 
+def _read_settled(path: Path, attempts: int = 5, pause_s: float = 0.02) -> bytes:
+    for _ in range(attempts - 1):
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            time.sleep(pause_s)
+    return path.read_bytes()
+
+
 class TrustClient:
-    """One refresh per update: a new ``Updater`` each time (``refresh()`` runs once per Updater by design)."""
+    """One refresh per update: a new ``Updater`` each time (``refresh()`` runs once per Updater by design).
+
+    The single owner of the local metadata directory: every refresh and read holds one lock, because the updater
+    writes there (it removes and re-links ``root.json`` each time one is made) while the deployment worker and the
+    device-command worker both use this client.
+    """
 
     def __init__(self, metadata_dir: Path, fetcher: FetcherInterface) -> None:
         self.metadata_dir = Path(metadata_dir)
         self.fetcher = fetcher
         self._updater: Updater | None = None
+        self._lock = threading.RLock()
 
     def refresh(self) -> None:
+        with self._lock:
+            self._refresh()
+
+    def _refresh(self) -> None:
         try:
             updater = Updater(str(self.metadata_dir), METADATA_BASE_URL, fetcher=self.fetcher, bootstrap=None)
             updater.refresh()
@@ -106,21 +130,24 @@ class TrustClient:
 
     def root(self) -> Metadata[Root]:
         """The newest verified root (the updater writes it only after verification)."""
-        return Metadata[Root].from_bytes((self.metadata_dir / "root.json").read_bytes())
+        with self._lock:
+            return Metadata[Root].from_bytes((self.metadata_dir / "root.json").read_bytes())
 
     def command_keys(self) -> CommandKeys:
         return CommandKeys.from_root_field(self.root().signed.unrecognized_fields.get(COMMAND_KEYS_FIELD))
 
     def target(self, path: str) -> TrustedTarget:
         """Verified info of ``path``; UntrustedMetadata when it is not a well-formed target of the repository."""
-        if self._updater is None:
-            raise RuntimeError("refresh() first")
-        try:
-            info = self._updater.get_targetinfo(path)
-        except tuf_errors.RepositoryError as exc:
-            raise UntrustedMetadata(f"untrusted repository metadata: {type(exc).__name__}: {_short(exc)}") from None
-        except tuf_errors.DownloadError as exc:
-            raise RepositoryUnavailable(f"fleet repository unavailable: {_short(exc)}") from None
+        with self._lock:  # get_targetinfo may fetch and persist delegated metadata
+            updater = self._updater
+            if updater is None:
+                raise RuntimeError("refresh() first")
+            try:
+                info = updater.get_targetinfo(path)
+            except tuf_errors.RepositoryError as exc:
+                raise UntrustedMetadata(f"untrusted repository metadata: {type(exc).__name__}: {_short(exc)}") from None
+            except tuf_errors.DownloadError as exc:
+                raise RepositoryUnavailable(f"fleet repository unavailable: {_short(exc)}") from None
         if info is None:
             raise UntrustedMetadata(f"target {path} is not in the signed repository")
         sha256 = info.hashes.get("sha256")
