@@ -25,6 +25,7 @@ try:
 except ImportError:  # Python 3.10 (JetPack 6)
     import tomli as tomllib  # type: ignore[no-redef]
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -221,8 +222,12 @@ class Bundle:
             with np.load(path, allow_pickle=False) as data:
                 inputs = _ordered(data, "input_")
                 outputs = _ordered(data, "output_")
-        except (OSError, ValueError) as exc:
-            raise BundleError(f"golden vectors file {path.name!r} is unreadable: {exc}", "rebuild the bundle") from None
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+            # truncated or corrupt: numpy/zipfile raise any of these depending on where the damage lies
+            raise BundleError(
+                f"golden vectors file {path.name!r} is corrupt or truncated ({type(exc).__name__}: {exc})",
+                "copy the bundle again or rebuild it",
+            ) from None
         return inputs, outputs
 
     def close(self) -> None:

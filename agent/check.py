@@ -179,6 +179,15 @@ def probe_broker(config: AgentConfig, timeout: float = 5.0) -> tuple[bool, str]:
     from agent.protocol import Topics
 
     assert config.mqtt is not None
+    from agent.daemon import agent_running
+
+    if agent_running(config.state_dir):
+        # A broker that binds client ids to usernames (use_username_as_clientid, as `fleet device provision`
+        # configures it) would give the probe the agent's id: connecting would take over the running agent's session.
+        return True, (
+            f"not probed: the agent running on {config.state_dir} holds the device's broker connection (a second "
+            "connection with its credentials would take over its session); its telemetry reports the link"
+        )
     # Its own client id: a broker drops the older of two connections with one id, and that would be the running
     # agent's (its will would even announce it offline).
     probe_config = config.mqtt.model_copy(update={"client_id": check_client_id(config.device_id)})

@@ -54,7 +54,12 @@ class PipelineConfig(_Strict):
     runtime: Literal["auto", "litert", "tflite-runtime", "onnxruntime"] = "auto"
     threads: int | None = Field(default=None, gt=0)
     providers: list[str] | None = None  # ONNX execution providers in order; default from the firmware profile
-    delegates: list[str] | None = None
+    delegates: list[str | dict[str, Any]] | None = None  # TFLite: a library, or {library = ..., options = {...}}
+    # ONNX Runtime: options per execution provider (typed, see docs/config.md), session threads and graph level;
+    # unset: the firmware profile's
+    provider_options: dict[str, dict[str, str | int | float | bool]] | None = None
+    inter_op_threads: int | None = Field(default=None, gt=0)
+    graph_optimization: Literal["disable", "basic", "extended", "all"] | None = None
     max_fps: float | None = Field(default=None, gt=0)  # cap on inferences per second
     queue_size: int = Field(default=1, ge=1, le=64)  # frames waiting per stage; newest wins when full
     # where frames are pre-processed: a thread of its own, or the capture thread right after capture; auto: own
@@ -69,6 +74,40 @@ class PipelineConfig(_Strict):
     window_stride: int | None = Field(default=None, gt=0)  # time series: override the bundle's stride
     publish: PublishPolicy | None = None  # MQTT result policy for this pipeline; default: [mqtt.results]
     health: PipelineHealthConfig = Field(default_factory=PipelineHealthConfig)  # update health window overrides
+
+    @field_validator("provider_options")
+    @classmethod
+    def _typed_provider_options(
+        cls, value: dict[str, dict[str, str | int | float | bool]] | None
+    ) -> dict[str, dict[str, str | int | float | bool]] | None:
+        from agent.runtime.onnxruntime import check_provider_options
+
+        try:
+            check_provider_options(value, where="")
+        except AgentError as exc:
+            raise ValueError(f"{exc.problem.lstrip('.')} (fix: {exc.fix})") from None
+        return value
+
+    @field_validator("delegates")
+    @classmethod
+    def _typed_delegates(cls, value: list[str | dict[str, Any]] | None) -> list[str | dict[str, Any]] | None:
+        from agent.runtime.tflite_common import delegate_specs
+
+        try:
+            delegate_specs(value, where="")
+        except AgentError as exc:
+            raise ValueError(f"{exc.problem.lstrip('.')} (fix: {exc.fix})") from None
+        return value
+
+    @model_validator(mode="after")
+    def _options_for_listed_providers(self) -> PipelineConfig:
+        unlisted = sorted(set(self.provider_options or {}) - set(self.providers or self.provider_options or {}))
+        if unlisted:
+            raise ValueError(
+                f"provider_options: options for {', '.join(unlisted)}, which providers does not list "
+                f"(fix: add it to providers or remove its options)"
+            )
+        return self
 
 
 class StdoutSinkConfig(_Strict):
@@ -303,7 +342,7 @@ def format_validation_error(exc: ValidationError, source: str) -> ConfigError:
         del loc[2]
     where = ".".join(loc)
     msg = err["msg"].removeprefix("Value error, ")
-    keyed = re.fullmatch(r"([a-z_][a-z_.]*): (.*) \(fix: (.*)\)", msg, re.DOTALL)
+    keyed = re.fullmatch(r"([A-Za-z0-9_][A-Za-z0-9_.]*): (.*) \(fix: (.*)\)", msg, re.DOTALL)
     if err["type"] == "value_error" and keyed:  # a validator's "KEY: problem (fix: ...)" below the location
         return ConfigError(f"{source}: key {'.'.join([*loc, keyed[1]])!r}: {keyed[2]}", keyed[3])
     if err["type"] == "extra_forbidden":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import os
 import signal
 import sys
 import threading
@@ -27,6 +30,59 @@ log = structlog.get_logger(__name__)
 THERMAL_RATE_FACTORS = {"normal": 1.0, "throttle": 0.5, "critical": 0.1}
 
 
+RUN_LOCK = "agent.lock"  # under state_dir: a shared flock held while a daemon runs
+
+
+def hold_run_lock(state_dir: str | Path) -> int | None:
+    """Hold a shared flock on ``<state_dir>/agent.lock`` for the life of the process (its fd; None when the state
+    directory cannot hold it). `edge-agent check` sees it held and leaves the running agent's connection alone."""
+    try:
+        Path(state_dir).mkdir(parents=True, exist_ok=True)
+        fd = os.open(Path(state_dir) / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        log.debug("run lock not held", error=str(exc))
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def agent_running(state_dir: str | Path) -> bool:
+    """Whether a daemon holds the run lock of ``state_dir`` now."""
+    try:
+        fd = os.open(Path(state_dir) / RUN_LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # closing releases the probe's own lock
+    return False
+
+
+def source_outages(pipelines: dict[str, Pipeline]) -> dict[str, str]:
+    """Pipelines whose (still running) source is unavailable now, with the source's last error."""
+    out: dict[str, str] = {}
+    for name, p in pipelines.items():
+        health = p.source.health
+        if not health.connected and health.last_error and not p.finished:
+            out[name] = health.last_error
+    return out
+
+
+def ready_to_serve(pipelines: dict[str, Pipeline], sources_down: dict[str, str]) -> bool:
+    """READY=1: a pipeline has made its first inference, or every pipeline has either made one or is waiting for its
+    source (the daemon runs and retries; STATUS= names what is failing)."""
+    first = {name: p.first_result.is_set() for name, p in pipelines.items()}
+    return any(first.values()) or (bool(first) and all(done or name in sources_down for name, done in first.items()))
+
+
 class Daemon:
     """Runs the configured pipelines until SIGTERM/SIGINT (or ``duration`` / finite sources end)."""
 
@@ -45,6 +101,7 @@ class Daemon:
         self._reload_config = reload_config or (lambda: load_config(config_path) if config_path else config)
         self.pipelines: dict[str, Pipeline] = {}
         self.pipeline_errors: dict[str, str] = {}
+        self.sources_down: dict[str, str] = {}  # pipeline -> why its source is unavailable now (it retries)
         self.bus: ResultBus | None = None
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -57,6 +114,7 @@ class Daemon:
         self.mqtt: Any = None  # MqttService when [mqtt] is configured
         self.updates: Any = None  # UpdateManager when [update] is enabled
         self.exit_code = 0
+        self._run_lock: int | None = None  # fd of the shared flock on <state_dir>/agent.lock while running
 
     # ---- signals ------------------------------------------------------------------------------
 
@@ -137,13 +195,14 @@ class Daemon:
         """Open a model with the pipeline's runtime settings (and the firmware profile's defaults)."""
         runtime = None if pipe.runtime == "auto" else pipe.runtime
         threads, providers, delegates = pipe.threads, pipe.providers, pipe.delegates
-        provider_options = None
+        provider_options, inter_op, graph = pipe.provider_options, pipe.inter_op_threads, pipe.graph_optimization
         prefs = getattr(self.profile, "runtime", None)
         if prefs is not None:
             threads = threads or prefs.threads
             providers = providers or prefs.providers or None
             delegates = delegates if delegates is not None else (prefs.delegates or None)
-            provider_options = prefs.provider_options or None
+            provider_options = provider_options if provider_options is not None else (prefs.provider_options or None)
+            inter_op, graph = inter_op or prefs.inter_op_threads, graph or prefs.graph_optimization
         return Predictor.open(
             model or pipe.model,
             runtime=runtime,
@@ -151,6 +210,8 @@ class Daemon:
             providers=providers,
             delegates=delegates,
             provider_options=provider_options,
+            inter_op_threads=inter_op,
+            graph_optimization=graph,
         )
 
     def _csi_camera(self, source_config: Any) -> Any:
@@ -226,6 +287,7 @@ class Daemon:
         from agent.extras import require_extras
 
         require_extras(self.config)  # a configured feature without its extra: one line naming it, nothing started
+        self._run_lock = hold_run_lock(self.config.state_dir)
         try:
             self.profile = self.resolve_profile()
         except AgentError as exc:
@@ -253,6 +315,9 @@ class Daemon:
             self._shutdown()
             if self.mqtt is not None:
                 self.mqtt.stop("no pipeline could start")
+            if self._run_lock is not None:
+                os.close(self._run_lock)
+                self._run_lock = None
             return 1
         last_watchdog = last_status = 0.0
         if self.profile is not None:
@@ -263,10 +328,12 @@ class Daemon:
                 if self._reload.is_set():
                     self._reload.clear()
                     self._do_reload()
-                if not self._ready_sent and any(p.first_result.is_set() for p in self.pipelines.values()):
+                if self._watch_sources():
+                    self.notifier.status(self.status_line())
+                if not self._ready_sent and ready_to_serve(self.pipelines, self.sources_down):
                     self._ready_sent = True
                     self.notifier.ready(self.status_line())
-                    log.info("ready: first inference done")
+                    log.info("ready", failing=sorted(self.pipeline_errors) + sorted(self.sources_down) or None)
                 interval = self.notifier.watchdog_interval
                 if interval and now - last_watchdog >= interval and self.healthy():
                     self.notifier.watchdog()
@@ -292,8 +359,27 @@ class Daemon:
             self._shutdown()
             if self.mqtt is not None:
                 self.mqtt.stop("shutdown")
+            if self._run_lock is not None:
+                os.close(self._run_lock)  # releases the flock
+                self._run_lock = None
         log.info("agent stopped", exit_code=self.exit_code)
         return self.exit_code
+
+    def _watch_sources(self) -> bool:
+        """Note pipelines whose source became unavailable or came back (the source logs it); an event on MQTT for
+        each change. True when something changed."""
+        down = source_outages(self.pipelines)
+        lost = {name: why for name, why in down.items() if name not in self.sources_down}
+        back = [name for name in self.sources_down if name not in down]
+        self.sources_down = down
+        if self.mqtt is not None:
+            for name, why in lost.items():
+                source = self.pipelines[name].source.name
+                self.mqtt.event("source_lost", "error", pipeline=name, source=source, error=why)
+            for name in back:
+                if name in self.pipelines:
+                    self.mqtt.event("source_back", "info", pipeline=name, source=self.pipelines[name].source.name)
+        return bool(lost or back)
 
     def healthy(self) -> bool:
         """Watchdog condition: every running pipeline is alive and no inference is stuck."""
@@ -328,8 +414,11 @@ class Daemon:
             fps = p.stats.rates()[1]  # no latency percentiles for a status line
             b = p.predictor.bundle
             parts.append(f"{p.name}: {fps:.1f} fps {b.name} {b.version}")
-        for name in self.pipeline_errors:
-            parts.append(f"{name}: FAILED")
+        for name, why in self.sources_down.items():
+            if (pipe := self.pipelines.get(name)) is not None:
+                parts.append(f"{name}: WAITING for source {pipe.source.name} ({why})")
+        for name, error in self.pipeline_errors.items():
+            parts.append(f"{name}: FAILED ({error})")
         if self.thermal_state != "normal":
             parts.append(f"thermal {self.thermal_state} (rate x{self.rate_factor:g})")
         return "; ".join(parts) or "no pipelines"

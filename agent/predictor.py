@@ -107,6 +107,8 @@ class Predictor:
         providers: list[str] | None = None,
         delegates: list[str] | None = None,
         provider_options: dict[str, dict[str, Any]] | None = None,
+        inter_op_threads: int | None = None,
+        graph_optimization: str | None = None,
     ) -> Predictor:
         """Load a bundle (directory, archive or bare model) and its model."""
         bundle = load_bundle(path)
@@ -118,6 +120,8 @@ class Predictor:
                 providers=providers,
                 delegates=delegates,
                 provider_options=provider_options,
+                inter_op_threads=inter_op_threads,
+                graph_optimization=graph_optimization,
             )
         except BaseException:
             bundle.close()
@@ -128,7 +132,13 @@ class Predictor:
             model.close()
             bundle.close()
             raise
-        predictor.load_args |= {"providers": providers, "delegates": delegates, "provider_options": provider_options}
+        predictor.load_args |= {
+            "providers": providers,
+            "delegates": delegates,
+            "provider_options": provider_options,
+            "inter_op_threads": inter_op_threads,
+            "graph_optimization": graph_optimization,
+        }
         return predictor
 
     def close(self) -> None:

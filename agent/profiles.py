@@ -65,7 +65,10 @@ class RuntimePrefs(_Strict):
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])  # ONNX EPs, best first
     provider_options: dict[str, dict[str, str | int | float | bool]] = Field(default_factory=dict)
     threads: int | None = Field(default=None, gt=0)  # None: the runtime's own choice
-    delegates: list[str] = Field(default_factory=list)  # TFLite external delegate libraries
+    inter_op_threads: int | None = Field(default=None, gt=0)  # ONNX Runtime; default 1 when threads is set
+    graph_optimization: Literal["disable", "basic", "extended", "all"] | None = None  # ONNX Runtime; default all
+    # TFLite external delegates: a library, or {library = "...", options = {...}} (options reach load_delegate)
+    delegates: list[str | dict[str, Any]] = Field(default_factory=list)
 
     @field_validator("order", "providers")
     @classmethod
@@ -219,9 +222,23 @@ def load_profile(path: Path | str) -> FirmwareProfile:
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(f"{path}: invalid TOML: {exc}", f"fix the syntax of {path.name} at that place") from None
     try:
-        return FirmwareProfile.model_validate(data)
+        profile = FirmwareProfile.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(path, exc) from None
+    _check_runtime_options(path, profile.runtime)
+    return profile
+
+
+def _check_runtime_options(path: Path, prefs: RuntimePrefs) -> None:
+    """Refuse provider options and delegates the runtimes would not take (typed), naming the key and the fix."""
+    from agent.runtime.onnxruntime import check_provider_options
+    from agent.runtime.tflite_common import delegate_specs
+
+    try:
+        check_provider_options(prefs.provider_options, where="runtime.provider_options")
+        delegate_specs(prefs.delegates, where="runtime.delegates")
+    except AgentError as exc:
+        raise ProfileError(f"{path}: {exc.problem}", f"{exc.fix} (in {path.name})") from None
 
 
 def _find_builtin_dir() -> Path | None:

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from agent.protocol import DEVICE_ID, Topics
 from agent.protocol.update import (
@@ -556,7 +557,11 @@ def provision_device(
     if existing is not None:
         registry.update_device(device_id, group=group, tags=tags, hardware=hardware, credentials_kind=kind)
     result.rotated = existing is not None
-    result.broker_conf = _broker_conf(kind, password_file, acl_file, data / "ca" / "ca.crt")
+    result.broker_conf, note = broker_conf_lines(
+        kind, password_file, acl_file, data / "ca" / "ca.crt", config.broker.url, config.broker.device_url
+    )
+    if note:
+        result.notes.append(note)
     return result
 
 
@@ -627,13 +632,18 @@ def ensure_fleet_user(config: FleetConfig) -> BrokerSetup:
         if note:
             notes.append(note)
     kind = config.provision.credentials if config.provision.credentials in CREDENTIALS else "password"
+    broker_conf, note = broker_conf_lines(
+        kind, password_file, acl_file, data / "ca" / "ca.crt", config.broker.url, config.broker.device_url
+    )
+    if note:
+        notes.append(note)
     return BrokerSetup(
         user=user,
         password_file=password_file,
         acl_file=acl_file,
         password_added=added,
         acl_written=written,
-        broker_conf=_broker_conf(kind, password_file, acl_file, data / "ca" / "ca.crt"),
+        broker_conf=broker_conf,
         notes=notes,
     )
 
@@ -719,10 +729,40 @@ def _broker_ca(config: FleetConfig) -> bytes | None:
         raise FleetError(f"cannot read [broker].ca {config.broker.ca}: {exc.strerror}", "fix [broker].ca") from None
 
 
-def _broker_conf(kind: str, password_file: Path, acl_file: Path, ca: Path) -> list[str]:
+def _url_port(url: str) -> int:
+    parts = urlsplit(url if "://" in url else "mqtt://" + url)
+    try:
+        return parts.port or (8883 if parts.scheme in ("mqtts", "ssl") else 1883)
+    except ValueError:
+        return 8883 if parts.scheme in ("mqtts", "ssl") else 1883
+
+
+def broker_conf_lines(
+    kind: str, password_file: Path, acl_file: Path, ca: Path, fleet_url: str, device_url: str | None
+) -> tuple[list[str], str | None]:
+    """The mosquitto.conf lines for the fleet's files, and a note when devices cannot be bound to their client ids.
+
+    On the devices' own listener ``use_username_as_clientid true``: a client's id is its username (the certificate
+    CN with ``use_identity_as_username``), so device A's credentials can never connect as ``devB`` and take over
+    B's session. The option is per listener and applies to every client on it, so the fleet's own connections
+    (``fleet serve`` and each `fleet` command, several at once under one user) need a listener of their own.
+    """
     lines = ["allow_anonymous false", f"acl_file {acl_file}"]
     if kind == "password":
         lines.append(f"password_file {password_file}")
-    else:  # on the TLS listener: client certificates are verified with the fleet CA
-        lines += [f"cafile {ca}", "require_certificate true", "use_identity_as_username true"]
-    return lines
+    device_port, fleet_port = _url_port(device_url or fleet_url), _url_port(fleet_url)
+    tls_lines = [f"cafile {ca}", "require_certificate true", "use_identity_as_username true"]
+    if device_port == fleet_port:
+        if kind != "password":  # on the TLS listener: client certificates are verified with the fleet CA
+            lines += tls_lines
+        return lines, (
+            f"devices and the fleet share the broker listener on port {fleet_port}, so a device's client id cannot "
+            "be bound to its credentials (one device's credentials could take over another's session): set "
+            '[broker].device_url = "mqtt://HOST:PORT" in fleet.toml to a listener of their own and run this again '
+            "for lines that bind them (use_username_as_clientid)"
+        )
+    lines.append(f"listener {device_port}")  # the devices' listener: client id = username, no takeover
+    if kind != "password":
+        lines += tls_lines
+    lines += ["use_username_as_clientid true", f"listener {fleet_port}"]  # the fleet's own connections
+    return lines, None

@@ -83,11 +83,17 @@ def load_model(
     runtime: str | None = None,
     threads: int | None = None,
     providers: list[str] | None = None,
-    delegates: list[str] | None = None,
+    delegates: list[Any] | None = None,
     warm_up: bool = True,
     provider_options: dict[str, dict[str, Any]] | None = None,
+    inter_op_threads: int | None = None,
+    graph_optimization: str | None = None,
 ) -> Model:
-    """Load ``path`` with ``runtime`` or the first usable backend for its format."""
+    """Load ``path`` with ``runtime`` or the first usable backend for its format.
+
+    ``providers``, ``provider_options``, ``inter_op_threads`` and ``graph_optimization`` are ONNX Runtime's,
+    ``delegates`` TFLite's; each backend takes every option it can use or refuses it with one line.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"model file {path} does not exist", "check the path")
@@ -108,8 +114,14 @@ def load_model(
         except RuntimeUnavailable as exc:
             reasons.append(str(exc))
             continue
+        session = {"inter_op_threads": inter_op_threads, "graph_optimization": graph_optimization}
         model = mod.load(
-            path, threads=threads, providers=providers, delegates=delegates, provider_options=provider_options
+            path,
+            threads=threads,
+            providers=providers,
+            delegates=delegates,
+            provider_options=provider_options,
+            **(session if name == "onnxruntime" else {}),
         )
         if warm_up:
             model.warm_up()

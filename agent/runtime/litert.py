@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from agent.errors import RuntimeUnavailable
-from agent.runtime.tflite_common import TFLiteModel, load_with
+from agent.runtime.tflite_common import DelegateEntry, TFLiteModel, load_with
 
 NAME = "litert"
 
@@ -18,8 +20,8 @@ class LiteRTConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     type: str = NAME
-    threads: int | None = None
-    delegates: list[str] = []  # shared libraries loaded with load_delegate (e.g. Coral, GPU)
+    threads: int | None = Field(default=None, gt=0)  # num_threads of the interpreter
+    delegates: list[DelegateEntry] = []  # shared libraries loaded with load_delegate (e.g. Coral, GPU)
 
 
 def probe() -> str:
@@ -36,7 +38,14 @@ def probe() -> str:
         return "unknown"
 
 
-def load(path: Path, threads: int | None = None, delegates: list[str] | None = None, **_: object) -> TFLiteModel:
+def load(
+    path: Path,
+    threads: int | None = None,
+    delegates: Sequence[str | Mapping[str, Any]] | None = None,  # library, or {library, options}
+    providers: list[str] | None = None,  # ONNX Runtime's: shared settings (profile, CLI) that do not apply to TFLite
+    provider_options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> TFLiteModel:
+    """Open ``path`` with ``threads`` and the external ``delegates`` (a library, or {library, options}), each loaded or refused."""
     version = probe()
     from ai_edge_litert import interpreter
 

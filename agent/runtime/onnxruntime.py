@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import structlog
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agent.errors import InputError, ModelLoadError, RuntimeUnavailable
+from agent.errors import AgentError, InputError, ModelLoadError, RuntimeUnavailable
 from agent.runtime.base import Model, ModelInfo, QuantParams, TensorInfo
 
 NAME = "onnxruntime"
@@ -36,13 +38,175 @@ _ORT_DTYPES = {
 }
 
 
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorrtOptions(_Options):
+    """``TensorrtExecutionProvider`` options (names as ONNX Runtime spells them)."""
+
+    device_id: int | None = Field(default=None, ge=0)
+    trt_fp16_enable: bool | None = None
+    trt_int8_enable: bool | None = None
+    trt_int8_calibration_table_name: str | None = None
+    trt_int8_use_native_calibration_table: bool | None = None
+    trt_max_workspace_size: int | None = Field(default=None, gt=0)  # bytes
+    trt_max_partition_iterations: int | None = Field(default=None, gt=0)
+    trt_min_subgraph_size: int | None = Field(default=None, gt=0)
+    trt_dla_enable: bool | None = None
+    trt_dla_core: int | None = Field(default=None, ge=0)
+    trt_engine_cache_enable: bool | None = None
+    trt_engine_cache_path: str | None = None
+    trt_timing_cache_enable: bool | None = None
+    trt_timing_cache_path: str | None = None
+    trt_force_sequential_engine_build: bool | None = None
+    trt_context_memory_sharing_enable: bool | None = None
+    trt_layer_norm_fp32_fallback: bool | None = None
+    trt_builder_optimization_level: int | None = Field(default=None, ge=0, le=5)
+    trt_auxiliary_streams: int | None = Field(default=None, ge=-1)
+    trt_cuda_graph_enable: bool | None = None
+    trt_dump_subgraphs: bool | None = None
+
+
+class CudaOptions(_Options):
+    """``CUDAExecutionProvider`` options."""
+
+    device_id: int | None = Field(default=None, ge=0)
+    gpu_mem_limit: int | None = Field(default=None, gt=0)  # bytes
+    arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] | None = None
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] | None = None
+    do_copy_in_default_stream: bool | None = None
+    cudnn_conv_use_max_workspace: bool | None = None
+    enable_cuda_graph: bool | None = None
+    tunable_op_enable: bool | None = None
+    use_tf32: bool | None = None
+    prefer_nhwc: bool | None = None
+
+
+class OpenVINOOptions(_Options):
+    """``OpenVINOExecutionProvider`` options."""
+
+    device_type: str | None = None  # CPU, GPU, NPU, GPU.0, HETERO:GPU,CPU, AUTO:GPU,CPU ...
+    precision: Literal["FP32", "FP16", "ACCURACY"] | None = None
+    num_of_threads: int | None = Field(default=None, gt=0)
+    num_streams: int | None = Field(default=None, gt=0)
+    cache_dir: str | None = None
+    enable_opencl_throttling: bool | None = None
+    disable_dynamic_shapes: bool | None = None
+    enable_qdq_optimizer: bool | None = None
+
+
+class CpuOptions(_Options):
+    """``CPUExecutionProvider`` takes no options (use ``threads`` for its thread count)."""
+
+
+# The providers whose options are typed; any other provider takes no options here.
+PROVIDER_OPTIONS: dict[str, type[_Options]] = {
+    "TensorrtExecutionProvider": TensorrtOptions,
+    "CUDAExecutionProvider": CudaOptions,
+    "OpenVINOExecutionProvider": OpenVINOOptions,
+    "CPUExecutionProvider": CpuOptions,
+}
+GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+
 class OnnxRuntimeConfig(BaseModel):
-    """``[runtime] type = "onnxruntime"``: threads and execution providers in order of preference."""
+    """``[runtime] type = "onnxruntime"``: threads, execution providers in order of preference and their options."""
 
     model_config = ConfigDict(extra="forbid")
     type: str = NAME
-    threads: int | None = None
+    threads: int | None = Field(default=None, gt=0)  # intra-op threads
+    inter_op_threads: int | None = Field(default=None, gt=0)  # default 1 when threads is set
+    graph_optimization: Literal["disable", "basic", "extended", "all"] | None = None  # default: all
     providers: list[str] = DEFAULT_PROVIDERS
+    provider_options: dict[str, dict[str, Any]] = {}
+
+    @field_validator("provider_options")
+    @classmethod
+    def _typed(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        try:
+            check_provider_options(value)
+        except AgentError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+def _option_text(value: object) -> str:
+    return str(value)  # bools as True/False, which ONNX Runtime's option parsers accept
+
+
+def check_provider_options(
+    options: Mapping[str, Mapping[str, Any]] | None, where: str = "provider_options"
+) -> dict[str, dict[str, str]]:
+    """Validate per-provider options against their typed models; return them as ONNX Runtime takes them (strings).
+
+    A bad entry raises AgentError with one line naming ``where.PROVIDER.KEY`` and the fix.
+    """
+    result: dict[str, dict[str, str]] = {}
+    for provider, values in (options or {}).items():
+        model = PROVIDER_OPTIONS.get(provider)
+        if model is None:
+            close = difflib.get_close_matches(provider, PROVIDER_OPTIONS, n=1)
+            fix = f"did you mean {close[0]!r}?" if close else f"options can be given for {', '.join(PROVIDER_OPTIONS)}"
+            raise AgentError(f"{where}.{provider}: unknown execution provider", fix)
+        if not isinstance(values, Mapping):
+            raise AgentError(f"{where}.{provider}: not a table of options", f"write [{where}.{provider}] key = value")
+        try:
+            parsed = model.model_validate(dict(values))
+        except ValidationError as exc:
+            raise _option_error(where, provider, model, exc) from None
+        result[provider] = {k: _option_text(v) for k, v in parsed.model_dump(exclude_none=True).items()}
+    return result
+
+
+def _option_error(where: str, provider: str, model: type[_Options], exc: ValidationError) -> AgentError:
+    first = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
+    key = ".".join(str(p) for p in first["loc"])
+    known = list(model.model_fields)
+    if first["type"] == "extra_forbidden":
+        if not known:
+            return AgentError(f"{where}.{provider}.{key}: {provider} takes no options", f"remove [{where}.{provider}]")
+        close = difflib.get_close_matches(key, known, n=1)
+        fix = f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(known)} (see docs/config.md)"
+        return AgentError(f"{where}.{provider}.{key}: unknown {provider} option", fix)
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return AgentError(f"{where}.{provider}.{key}: {message}", f"correct {key!r}")
+
+
+def session_providers(
+    chosen: list[str], provider_options: Mapping[str, Mapping[str, str]] | None
+) -> tuple[list[str], list[dict[str, str]]]:
+    """The ``providers`` and ``provider_options`` lists for ``InferenceSession``, in the order of ``chosen``."""
+    options = provider_options or {}
+    return list(chosen), [dict(options.get(p, {})) for p in chosen]
+
+
+def session_settings(
+    threads: int | None, inter_op_threads: int | None, graph_optimization: str | None
+) -> dict[str, int | str]:
+    """The SessionOptions attributes to set (pure): thread counts and graph optimization level by name."""
+    settings: dict[str, int | str] = {}
+    if threads:
+        settings["intra_op_num_threads"] = threads
+        settings["inter_op_num_threads"] = inter_op_threads or 1
+    elif inter_op_threads:
+        settings["inter_op_num_threads"] = inter_op_threads
+    if graph_optimization is not None:
+        if graph_optimization not in GRAPH_OPTIMIZATION_LEVELS:
+            raise AgentError(
+                f"graph_optimization {graph_optimization!r} is not a level",
+                f"use one of {', '.join(GRAPH_OPTIMIZATION_LEVELS)}",
+            )
+        settings["graph_optimization_level"] = graph_optimization
+    return settings
+
+
+_ORT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 
 
 def probe() -> str:
@@ -117,8 +281,24 @@ def check_onnx_file(path: Path) -> None:
         )
 
 
-def load(path: Path, threads: int | None = None, providers: list[str] | None = None, **_: object) -> OnnxRuntimeModel:
-    return OnnxRuntimeModel(path, threads=threads, providers=providers)
+def load(
+    path: Path,
+    threads: int | None = None,
+    providers: list[str] | None = None,
+    provider_options: Mapping[str, Mapping[str, Any]] | None = None,
+    inter_op_threads: int | None = None,
+    graph_optimization: str | None = None,
+    delegates: list[str] | None = None,  # TFLite's: a shared setting (profile, CLI) that does not apply to ONNX
+) -> OnnxRuntimeModel:
+    """Open ``path``; every option reaches the session or is refused here with one line."""
+    return OnnxRuntimeModel(
+        path,
+        threads=threads,
+        providers=providers,
+        provider_options=provider_options,
+        inter_op_threads=inter_op_threads,
+        graph_optimization=graph_optimization,
+    )
 
 
 class OnnxRuntimeModel(Model):
@@ -127,26 +307,32 @@ class OnnxRuntimeModel(Model):
         path: Path,
         threads: int | None = None,
         providers: list[str] | None = None,
-        provider_options: dict[str, dict[str, Any]] | None = None,
+        provider_options: Mapping[str, Mapping[str, Any]] | None = None,
+        inter_op_threads: int | None = None,
+        graph_optimization: str | None = None,
     ) -> None:
         version = probe()
         import onnxruntime as ort
 
+        typed = check_provider_options(provider_options)
+        settings = session_settings(threads, inter_op_threads, graph_optimization)
         check_onnx_file(path)
         quiet_logger(ort)
         options = ort.SessionOptions()
         options.log_severity_level = 4  # errors reach the user through our exceptions, not ORT's coloured log
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+        for name, value in settings.items():
+            if name == "graph_optimization_level":
+                value = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[str(value)])
+            setattr(options, name, value)
         chosen = choose_providers(providers, available_providers())
         missing = missing_providers(providers, chosen)
         if missing:
             log.warning(provider_warning(missing, chosen))
-        options_for = provider_options or {}
-        with_options = [(p, {k: str(v) for k, v in options_for[p].items()}) if p in options_for else p for p in chosen]
+        names, per_provider = session_providers(chosen, typed)
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=options, providers=with_options)
+            self._session = ort.InferenceSession(
+                str(path), sess_options=options, providers=names, provider_options=per_provider
+            )
         except Exception as exc:  # onnxruntime raises its own exception types for every model problem
             raise ModelLoadError(_explain(path, exc), _fix_for(exc)) from None
         quant = _io_quantization(path)

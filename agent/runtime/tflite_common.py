@@ -8,14 +8,15 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import structlog
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.errors import InputError, ModelLoadError
+from agent.errors import AgentError, InputError, ModelLoadError
 from agent.runtime.base import Model, ModelInfo, QuantParams, T, TensorInfo
 
 log = structlog.get_logger(__name__)
@@ -179,22 +180,75 @@ class TFLiteModel(Model):
         self._interp = None  # type: ignore[assignment]
 
 
+class DelegateSpec(BaseModel):
+    """An external delegate: its shared library and the options ``load_delegate`` hands it (as strings)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    library: str = Field(min_length=1)
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+DelegateEntry = str | DelegateSpec  # a bare library, or a library with options
+
+
+def delegate_specs(
+    delegates: Sequence[str | DelegateSpec | Mapping[str, Any]] | None, where: str = "delegates"
+) -> list[tuple[str, dict[str, str]]]:
+    """(library, options) for each delegate: a bare library name, or ``{library = ..., options = {...}}``.
+
+    A bad entry raises AgentError naming ``where.N.KEY`` and the fix.
+    """
+    specs = []
+    for index, entry in enumerate(delegates or []):
+        if isinstance(entry, str):
+            specs.append((entry, {}))
+            continue
+        try:
+            spec = entry if isinstance(entry, DelegateSpec) else DelegateSpec.model_validate(entry)
+        except ValidationError as exc:
+            first = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
+            loc = [str(p) for p in first["loc"]]
+            key = ".".join(loc[:2] if loc[0] == "options" else loc)  # drop pydantic's union-member tag
+            if first["type"] == "extra_forbidden":
+                problem, fix = f"{where}.{index}.{key}: unknown key", "a delegate takes library and options"
+            elif loc[0] == "options":
+                problem, fix = f"{where}.{index}.{key}: not a string, number or boolean", "give the option one value"
+            else:
+                message = str(first["msg"]).removeprefix("Value error, ")
+                problem, fix = f"{where}.{index}.{key}: {message}", 'write {library = "lib.so", options = {...}}'
+            raise AgentError(problem, fix) from None
+        specs.append((spec.library, {k: _option_text(v) for k, v in spec.options.items()}))
+    return specs
+
+
+def _option_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"  # delegates parse options themselves: lower-case is the common form
+    return str(value)
+
+
 def load_with(
-    module: Any, runtime: str, version: str, path: Path, threads: int | None, delegates: list[str] | None
+    module: Any,
+    runtime: str,
+    version: str,
+    path: Path,
+    threads: int | None,
+    delegates: Sequence[str | DelegateSpec | Mapping[str, Any]] | None,
 ) -> TFLiteModel:
     """Load ``path`` with an interpreter module (LiteRT's or tflite-runtime's: same API)."""
-    loaded = []
-    for lib in delegates or []:
-        failure = _load_delegate(module, lib, loaded)
+    loaded: list[Any] = []
+    for lib, options in delegate_specs(delegates):
+        failure = _load_delegate(module, lib, options, loaded)
         if failure is not None:
             raise ModelLoadError(
                 f"delegate {lib!r} failed to load: {failure}",
-                "install the delegate library, give its full path, or leave --delegate / delegates out",
+                "install the delegate library, give its full path, check its options, "
+                "or leave --delegate / delegates out",
             )
     return TFLiteModel(path, module.Interpreter, runtime, version, threads=threads, delegates=loaded)
 
 
-def _load_delegate(module: Any, lib: str, loaded: list[Any]) -> str | None:
+def _load_delegate(module: Any, lib: str, options: dict[str, str], loaded: list[Any]) -> str | None:
     """Load one delegate into ``loaded``; on failure return the reason, with the runtime's own noise kept off stderr
     (its half-made Delegate object raises again in ``__del__``, which Python would print as a traceback)."""
     failure: str | None = None
@@ -203,7 +257,7 @@ def _load_delegate(module: Any, lib: str, loaded: list[Any]) -> str | None:
     try:
         with quiet_native_stderr():
             try:
-                loaded.append(module.load_delegate(lib))
+                loaded.append(module.load_delegate(lib, options or None))
             except (ValueError, OSError, RuntimeError, AttributeError) as exc:
                 failure = " ".join(str(exc).split())[:300] or type(exc).__name__
             gc.collect()

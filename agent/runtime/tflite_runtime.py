@@ -6,14 +6,16 @@ there with an explanation instead of failing deep inside the interpreter.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from agent.errors import RuntimeUnavailable
-from agent.runtime.tflite_common import TFLiteModel, load_with
+from agent.runtime.tflite_common import DelegateEntry, TFLiteModel, load_with
 
 NAME = "tflite-runtime"
 
@@ -21,8 +23,8 @@ NAME = "tflite-runtime"
 class TFLiteRuntimeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: str = NAME
-    threads: int | None = None
-    delegates: list[str] = []
+    threads: int | None = Field(default=None, gt=0)  # num_threads of the interpreter
+    delegates: list[DelegateEntry] = []
 
 
 def numpy_incompatibility(numpy_version: str) -> str | None:
@@ -54,7 +56,14 @@ def probe() -> str:
         return "unknown"
 
 
-def load(path: Path, threads: int | None = None, delegates: list[str] | None = None, **_: object) -> TFLiteModel:
+def load(
+    path: Path,
+    threads: int | None = None,
+    delegates: Sequence[str | Mapping[str, Any]] | None = None,  # library, or {library, options}
+    providers: list[str] | None = None,  # ONNX Runtime's: shared settings (profile, CLI) that do not apply to TFLite
+    provider_options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> TFLiteModel:
+    """Open ``path`` with ``threads`` and the external ``delegates`` (a library, or {library, options}), each loaded or refused."""
     version = probe()
     from tflite_runtime import interpreter
 

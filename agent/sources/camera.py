@@ -20,9 +20,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.sources.base import Backoff, FrameHint, Sample, Source
+
+log = structlog.get_logger(__name__)
 
 # FFmpeg's own stderr chatter ("Stream ends prematurely") is noise: we report stream health ourselves.
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
@@ -133,6 +136,7 @@ class CameraSource(Source):
         self._cap: Any = None  # direct (non-realtime file) mode only
         self._cap_lock = threading.Lock()  # close() from another thread waits for a read in progress
         self.frame_hint: FrameHint | None = None
+        self._down_since: float | None = None  # an outage logged (one line), its recovery not yet
 
     # ---- public -------------------------------------------------------------------------------
 
@@ -257,6 +261,7 @@ class CameraSource(Source):
         self.health.stalls += 1
         self.health.connected = False
         self.health.last_error = f"no frame for {self.config.stall_after:.0f} s: reopening"
+        self._log_outage("camera stalled: reopening", self.health.last_error)
         self._spawn_grabber()
 
     def _current(self, generation: int) -> bool:
@@ -300,6 +305,7 @@ class CameraSource(Source):
                     if cap is None:
                         self.health.errors += 1
                         self.health.last_error = f"cannot open {self.config.device!r}"
+                        self._log_outage("camera unavailable: retrying", self.health.last_error)
                         if self._wait(backoff.next_delay()):
                             return
                         continue
@@ -307,6 +313,10 @@ class CameraSource(Source):
                         self.health.reconnects += 1
                     first_open = False
                     self.health.connected = True
+                    if self._down_since is not None:
+                        down_s = round(time.monotonic() - self._down_since, 1)
+                        log.info("camera back", source=self.name, device=str(self.config.device), down_s=down_s)
+                        self._down_since = None
                     self._mark_gap()
                     file_fps = cap.get(cv2.CAP_PROP_FPS) if self._is_file else 0.0
                     interval = (
@@ -330,6 +340,7 @@ class CameraSource(Source):
                     if not self._is_file:
                         self.health.errors += 1
                         self.health.last_error = "stream ended or frame grab failed: reconnecting"
+                        self._log_outage("camera lost: reconnecting", self.health.last_error)
                         if self._wait(backoff.next_delay()):
                             return
                     continue
@@ -350,6 +361,12 @@ class CameraSource(Source):
         finally:
             if cap is not None:
                 cap.release()
+
+    def _log_outage(self, event: str, error: str) -> None:
+        """One warning per outage (not per retry); its end is logged when the camera opens again."""
+        if self._down_since is None and not self.closed:
+            self._down_since = time.monotonic()
+            log.warning(event, source=self.name, device=str(self.config.device), error=error)
 
     def _mark_gap(self) -> None:
         with self._cond:

@@ -30,9 +30,12 @@ import time
 from typing import Any, Literal
 
 import numpy as np
+import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.sources.base import Backoff, Sample, Source
+
+log = structlog.get_logger(__name__)
 
 TYPE = "serial"
 PYSERIAL_MISSING = "pyserial is not installed: pip install 'edge-inference-agent[serial]'"
@@ -151,6 +154,7 @@ class SerialSource(Source):
         self._backoff = Backoff(config.reconnect_initial, config.reconnect_max)
         self._retry_at = 0.0  # monotonic time of the next open attempt
         self._opened_before = False
+        self._down_since: float | None = None  # an outage logged (one line), its recovery not yet
         self._is_path = "://" not in config.port and os.name == "posix"
         self._split_blanks = not config.delimiter.strip()
         self._poll = config.read_timeout  # timeout currently set on the handle
@@ -263,6 +267,7 @@ class SerialSource(Source):
             self.health.errors += 1
             self.health.last_error = self._explain(exc)
             self._retry_at = time.monotonic() + self._backoff.next_delay()
+            self._log_outage("serial port unavailable: retrying", self.health.last_error)
             return False
         with self._handle_lock:
             if self.closed:
@@ -272,6 +277,14 @@ class SerialSource(Source):
         if self._opened_before:
             self.health.reconnects += 1
         self._opened_before = True
+        if self._down_since is not None:
+            log.info(
+                "serial port back",
+                source=self.name,
+                port=self.config.port,
+                down_s=round(time.monotonic() - self._down_since, 1),
+            )
+            self._down_since = None
         self.health.connected = True
         self._poll = self.config.read_timeout
         self._buf.clear()
@@ -309,6 +322,13 @@ class SerialSource(Source):
         self.health.errors += 1
         self.health.last_error = _one_line(reason)
         self._retry_at = time.monotonic() + self._backoff.next_delay()
+        self._log_outage("serial port lost: reconnecting", self.health.last_error)
+
+    def _log_outage(self, event: str, error: str) -> None:
+        """One warning per outage (not per retry); its end is logged when the port opens again."""
+        if self._down_since is None and not self.closed:
+            self._down_since = time.monotonic()
+            log.warning(event, source=self.name, port=self.config.port, error=error)
 
     def _close_handle(self) -> None:
         with self._handle_lock:
