@@ -19,6 +19,7 @@ from agent.extras import commands_unavailable
 from agent.protocol import PIPELINE_NAME, ProtocolError, parse_json_object
 from agent.protocol.ids import echo_id
 from agent.protocol.update import parse_envelope
+from agent.ratelog import RateLog
 from agent.update.store import read_json_object, write_json_atomic
 
 if TYPE_CHECKING:
@@ -42,13 +43,15 @@ class CommandHandler:
             log.warning(self.unavailable)
         # Verification may refresh TUF metadata over MQTT: never in paho's network thread, which must deliver it.
         self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=64)
+        # refusals: the first few per kind and minute in the log, then one line a minute with the counts held back
+        self._refused = RateLog(log, "commands refused (held back from the log)")
         threading.Thread(target=self._worker, name="commands", daemon=True).start()
 
     def on_message(self, message: Any) -> None:
         try:
             self._queue.put_nowait((message.topic, bytes(message.payload)))
         except queue.Full:
-            log.warning("command dropped: too many waiting", topic=message.topic)
+            self._refused.warning("dropped", "command dropped: too many waiting", time.monotonic(), topic=message.topic)
 
     def _worker(self) -> None:
         while True:
@@ -67,11 +70,13 @@ class CommandHandler:
             signed = body.get("signed") if isinstance(body.get("signed"), dict) else body
             command_id = echo_id(signed.get("id"))  # unverified: echoed only when it has an id's shape, else null
         except ProtocolError as exc:
-            log.warning("command refused", command=name, error=str(exc))
+            self._refused.warning("refused", "command refused", time.monotonic(), command=name, error=str(exc))
             self.service.ack(name, command_id, ok=False, error=str(exc))
             return
         if self.unavailable is not None:
-            log.warning("command refused", command=name, error=self.unavailable)
+            self._refused.warning(
+                "unavailable", "command refused", time.monotonic(), command=name, error=self.unavailable
+            )
             self.service.ack(name, command_id, ok=False, error=self.unavailable)
             return
         from agent.update.commands import CommandRejected
@@ -84,7 +89,7 @@ class CommandHandler:
             self._remember(command.seq)
             result = self._run(command.name, command.args)
         except (ProtocolError, CommandRejected, UntrustedMetadata, RepositoryUnavailable, ValueError) as exc:
-            log.warning("command refused", command=name, error=str(exc))
+            self._refused.warning("refused", "command refused", time.monotonic(), command=name, error=str(exc))
             self.service.ack(name, command_id, ok=False, error=str(exc))
             return
         log.info("command accepted", command=name, id=command_id)

@@ -273,7 +273,13 @@ class MqttService:
             "mqtt": self.link.stats() | {"oversize_results": self.oversize_results},
             "predict": self.predict.stats(),
             "results": self.results_summary() if reset else dict(self._summary),
+            "inbound": self._inbound(),
         }
+
+    def _inbound(self) -> dict[str, Any]:
+        """Counters of the inbound topics with a bounded queue (see docs/protocol.md, telemetry ``inbound``)."""
+        updates = self.daemon.updates
+        return {"deploy": updates.inbound_stats()} if updates is not None else {}
 
     def _telemetry_loop(self) -> None:
         """Telemetry right after each (re)connect, then every ``telemetry_interval`` seconds."""

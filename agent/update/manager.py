@@ -33,13 +33,14 @@ from agent.protocol.update import (
     UpdateStatus,
     deploy_topic,
     parse_deploy_command,
-    parse_envelope,
     update_state_topic,
     update_status_topic,
 )
+from agent.ratelog import RateLimiter, RateLog
 from agent.update import health as health_rules
-from agent.update.commands import CommandRejected, verify_deploy
+from agent.update.commands import CommandKeys, CommandRejected, verify_deploy
 from agent.update.fetcher import ChunkDownload, MqttMetadataFetcher, TransferError
+from agent.update.inbox import Candidate, DeployInbox, Refusal, precheck
 from agent.update.shadow import ShadowTally, frame_agreement
 from agent.update.slots import SlotStore
 from agent.update.state import (
@@ -82,6 +83,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 COMMAND_FILE = "command.json"
 STOP = object()
+#: Status reports of refused deployments: the first this many per reason and minute (the rest are counted only).
+REFUSAL_REPORTS_PER_MIN = 20
 
 
 @dataclass
@@ -124,7 +127,14 @@ class UpdateManager:
         self.hardware_id = self.cfg.hardware_id or platform.machine()
         self._pending_reports: list[tuple[bytes, str | None]] = []
         self._latest: dict[str, bytes] = {}
-        self._last_rejection_log = 0.0
+        # inbound deployments: cheap checks in the MQTT thread, then at most one pending per pipeline (agent/update/inbox)
+        self._inbox = DeployInbox(max_pending=max(1, len(config.pipelines)))
+        self._inbox_lock = threading.Lock()
+        self._inbox_woken = False
+        self._keys: CommandKeys | None = None  # the command keys of the newest verified root (read after refreshes)
+        self._last: dict[str, Any] = {}  # the last accepted command's seq and id (kept in memory for the cheap checks)
+        self._refusal_log = RateLog(log, "deployment commands refused (held back from the log)")
+        self._refusal_reports = RateLimiter(burst=REFUSAL_REPORTS_PER_MIN, period_s=60.0)
 
     # ---- start-up (before the pipelines are built) ------------------------------------------------
 
@@ -207,6 +217,8 @@ class UpdateManager:
         for report, pipeline in self._pending_reports:
             self._publish(report, pipeline)
         self._pending_reports.clear()
+        self._last = self._last_command()
+        self._load_keys()
         mqtt.link.subscribe(deploy_topic(mqtt.topics), self._on_deploy)
         self._thread = threading.Thread(target=self._worker, name="updates", daemon=True)
         self._thread.start()
@@ -229,9 +241,69 @@ class UpdateManager:
         self._shadows.clear()
 
     def _on_deploy(self, message: Any) -> None:
-        if not message.payload:
+        """In paho's network thread: the cheap checks, then the inbox (bounded, coalescing); no crypto, no I/O."""
+        payload = message.payload
+        if not payload:
             return  # a cleared retained command
-        self._queue.put(("deploy", bytes(message.payload)))
+        with self._inbox_lock:
+            self._inbox.counters["received"] += 1
+            last = self._last
+        last_seq = last.get("seq")
+        verdict = precheck(
+            payload,
+            self.config.device_id,
+            frozenset(self.cfg.groups),
+            frozenset(self.config.pipelines),
+            last_seq if isinstance(last_seq, int) else 0,
+            last.get("id"),
+        )
+        if verdict is None:
+            with self._inbox_lock:
+                self._inbox.count("duplicate")  # the retained command we already handled, delivered on reconnect
+            return
+        if isinstance(verdict, Refusal):
+            with self._inbox_lock:
+                self._inbox.count(verdict.reason)
+            self._refuse(verdict.reason, "rejected", verdict.detail, verdict.signed)
+            return
+        candidate = Candidate(verdict.pipeline, verdict.seq, verdict.envelope, self._signed_ok(verdict.envelope) > 0)
+        with self._inbox_lock:
+            dropped = self._inbox.offer(candidate)
+            wake, self._inbox_woken = not self._inbox_woken, True
+        if dropped is not None:
+            self._refusal_log.warning("dropped", "deployment command dropped", time.monotonic(), reason=dropped)
+        if wake:
+            self._queue.put(("inbox", None))
+
+    def _signed_ok(self, envelope: SignedEnvelope) -> int:
+        """How many valid signatures ``envelope`` has under the command keys known (0 when none are known)."""
+        keys = self._keys
+        if keys is None:
+            return 0
+        try:
+            return len(keys.valid_signers(envelope))
+        except Exception:  # a malformed signature is no signature
+            return 0
+
+    def _load_keys(self) -> None:
+        if self.trust is None:
+            return
+        try:
+            self._keys = self.trust.command_keys()
+        except Exception:  # no usable root yet: every deployment goes the slow, refreshing way
+            self._keys = None
+
+    def inbound_stats(self) -> dict[str, int]:
+        """Counters of the inbound deployment topic (telemetry ``inbound.deploy``)."""
+        with self._inbox_lock:
+            return dict(self._inbox.counters) | {"pending": len(self._inbox)}
+
+    def _refuse(self, key: str, state: str, reason: str, signed: dict[str, Any] | None) -> None:
+        """A refused deployment: logged and reported at a limited rate per ``key`` (counted in the inbox always)."""
+        now = time.monotonic()
+        self._refusal_log.warning("refused", "deployment command refused", now, state=state, reason=reason[:300])
+        if self._refusal_reports.admit(key, now):
+            self._queue.put(("report", (state, reason, signed)))  # bounded: REFUSAL_REPORTS_PER_MIN per key
 
     def _worker(self) -> None:
         while not self._stop.is_set():
@@ -240,26 +312,52 @@ class UpdateManager:
                 return
             kind, value = item
             try:
-                if kind == "deploy":
-                    self._handle_deploy(value)
+                if kind == "inbox":
+                    self._drain_inbox()
+                elif kind == "report":
+                    state, reason, signed = value
+                    self._report_unbound(state, reason, envelope_id=None, signed=signed, logged=True)
                 else:
                     self._resume(value)
             except Exception:  # an update bug must never take the daemon down
                 log.exception("update step failed")
 
+    def _drain_inbox(self) -> None:
+        while not self._stop.is_set():
+            with self._inbox_lock:
+                candidate = self._inbox.take()
+                if candidate is None:
+                    self._inbox_woken = False
+                    return
+            try:
+                self._handle_deploy(candidate)
+            except Exception:  # an update bug must never take the daemon down
+                log.exception("update step failed")
+
     # ---- commands ---------------------------------------------------------------------------------
 
-    def _handle_deploy(self, payload: bytes) -> None:
-        try:
-            envelope = parse_envelope(payload, "deployment command")
-        except ProtocolError as exc:
-            self._report_unbound("rejected", str(exc), envelope_id=None)
-            return
+    def _handle_deploy(self, candidate: Candidate) -> None:
+        envelope = candidate.envelope
         signed_id = str(envelope.signed.get("id", "unknown"))[:128]
         last = self._last_command()
         if envelope.signed.get("seq") == last.get("seq") and signed_id == last.get("id"):
             return  # the retained command we already handled, delivered again on reconnect
         assert self.trust is not None
+        keys = self._keys
+        if (
+            keys is not None
+            and self._signed_ok(envelope) == 0
+            and all(sig.keyid in keys.keys for sig in envelope.signatures)
+        ):  # only known keys, none valid: no refresh makes these good (a keyid names one key), so forged deployments
+            # cost no repository traffic. An unknown keyid may be a new key: refresh first.
+            with self._inbox_lock:
+                self._inbox.count("bad_signature")
+            reason = (
+                "command refused: deployment command has 0 valid signatures from command keys, "
+                f"{keys.threshold} required"
+            )
+            self._refuse("bad_signature", "rejected", reason, envelope.signed)
+            return
         try:
             self.trust.refresh()
         except RepositoryUnavailable as exc:
@@ -268,6 +366,7 @@ class UpdateManager:
         except UntrustedMetadata as exc:
             self._report_unbound("rejected", str(exc), envelope_id=signed_id, signed=envelope.signed)
             return
+        self._load_keys()
         try:
             command = verify_deploy(
                 envelope,
@@ -279,6 +378,8 @@ class UpdateManager:
                 max_clock_skew_s=self.cfg.max_clock_skew_s,
             )
         except CommandRejected as exc:
+            with self._inbox_lock:
+                self._inbox.count("bad_signature" if "signature" in str(exc) else "refused")
             self._report_unbound("rejected", f"command refused: {exc}", envelope_id=signed_id, signed=envelope.signed)
             return
         self._remember_command(command)
@@ -378,6 +479,8 @@ class UpdateManager:
 
     def _remember_command(self, command: DeployCommand) -> None:
         write_json_atomic(self.dir / "last-command.json", {"seq": command.seq, "id": command.id})
+        with self._inbox_lock:
+            self._last = {"seq": command.seq, "id": command.id}
 
     def _write_command(self, name: str, envelope: SignedEnvelope, command: DeployCommand) -> None:
         write_json_atomic(self.dir / f"{name}.{COMMAND_FILE}", envelope.model_dump())
@@ -769,14 +872,19 @@ class UpdateManager:
         self._publish(encode(status), name)
 
     def _report_unbound(
-        self, state: str, reason: str, envelope_id: str | None, signed: dict[str, Any] | None = None
+        self,
+        state: str,
+        reason: str,
+        envelope_id: str | None,
+        signed: dict[str, Any] | None = None,
+        logged: bool = False,
     ) -> None:
-        """A command refused before it became an update of a pipeline (no persisted state to attach it to)."""
+        """A command refused before it became an update of a pipeline (no persisted state to attach it to);
+        ``logged``: already logged by ``_refuse``."""
+        if not logged:
+            now = time.monotonic()
+            self._refusal_log.warning("refused", "deployment command refused", now, state=state, reason=reason[:300])
         signed = signed or {}
-        now = time.monotonic()
-        if now - self._last_rejection_log >= 1.0:
-            self._last_rejection_log = now
-            log.warning("deployment command refused", state=state, reason=reason)
         pipeline = signed.get("pipeline") if isinstance(signed.get("pipeline"), str) else None
         # the command is unverified here: echo its id, seq and target only when they have the protocol's shape
         envelope_id = echo_id(signed.get("id", envelope_id))  # as sent, not cut to length: cut, it would pass
