@@ -103,3 +103,15 @@ def stop(proc: subprocess.Popen[str], timeout: float = 20.0) -> int:
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait()
+
+
+def serial_anomaly_config(tmp_path: Path, port: Path, results: Path) -> Path:
+    """agent.toml: the sample anomaly model on a serial sensor at ``port`` (quick reconnects) into ``results``."""
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'status_interval = 0.5\n[sources.vib]\ntype = "serial"\nport = "{port}"\nchannels = ["ax", "ay", "az"]\n'
+        f"read_timeout = 0.1\nreconnect_initial = 0.1\nreconnect_max = 0.3\n"
+        f'[pipelines.bearing]\nsource = "vib"\nmodel = "sample:sensor-anomaly"\nsinks = ["jsonl"]\n'
+        f'[sinks.jsonl]\npath = "{results}"\n'
+    )
+    return config

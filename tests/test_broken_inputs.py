@@ -16,7 +16,7 @@ import pytest
 from agent.bundle import load_bundle
 from agent.errors import BundleError
 from tests.conftest import ROOT, assert_one_line_error, run_cli
-from tests.daemon_helpers import NotifySocket, start_agent, stop, wait_until
+from tests.daemon_helpers import NotifySocket, serial_anomaly_config, start_agent, stop, wait_until
 from tests.mosquitto import Broker, Subscriber
 
 SAMPLE = ROOT / "agent" / "samples" / "digits-classifier-tflite"
@@ -159,13 +159,7 @@ def test_serial_port_outage_and_recovery_are_logged_once_each(tmp_path: Path, no
     feeder = Feeder(pty, lambda i: (rows[i % len(rows)] + "\n").encode(), interval=0.002)
     feeder.start()
     results = tmp_path / "results.jsonl"
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        f'status_interval = 0.5\n[sources.vib]\ntype = "serial"\nport = "{link}"\nchannels = ["ax", "ay", "az"]\n'
-        f"read_timeout = 0.1\nreconnect_initial = 0.1\nreconnect_max = 0.3\n"
-        f'[pipelines.bearing]\nsource = "vib"\nmodel = "sample:sensor-anomaly"\nsinks = ["jsonl"]\n'
-        f'[sinks.jsonl]\npath = "{results}"\n'
-    )
+    config = serial_anomaly_config(tmp_path, link, results)
 
     def count() -> int:
         return len(results.read_text().splitlines()) if results.exists() else 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests import onnx_models
-from tests.daemon_helpers import NotifySocket, start_agent, stop, wait_until
+from tests.daemon_helpers import NotifySocket, serial_anomaly_config, start_agent, stop, wait_until
 
 SLOW_BUNDLE = """
 name = "slowpoke"
@@ -222,13 +222,7 @@ def test_serial_sensor_unplugged_and_replugged(tmp_path: Path, notify: NotifySoc
     feeder = Feeder(pty, line, interval=0.002)
     feeder.start()
     results = tmp_path / "results.jsonl"
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        f'status_interval = 0.5\n[sources.vib]\ntype = "serial"\nport = "{link}"\nchannels = ["ax", "ay", "az"]\n'
-        f"read_timeout = 0.1\nreconnect_initial = 0.1\nreconnect_max = 0.3\n"
-        f'[pipelines.bearing]\nsource = "vib"\nmodel = "sample:sensor-anomaly"\nsinks = ["jsonl"]\n'
-        f'[sinks.jsonl]\npath = "{results}"\n'
-    )
+    config = serial_anomaly_config(tmp_path, link, results)
     proc = start_agent(["run", "--config", str(config)], notify, output_dir=tmp_path)
     try:
         notify.wait_for("READY", "1", timeout=30)

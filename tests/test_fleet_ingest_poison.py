@@ -9,9 +9,8 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from fleet.repository import Repository
 from fleet.server import FleetServer
 from tests.daemon_helpers import wait_until
 from tests.mosquitto import Broker
-from tests.test_fleet_db import _pg_admin
+from tests.test_fleet_db import pg_url  # noqa: F401  (fixture: a fresh PostgreSQL database)
 
 ROOT = Path(__file__).resolve().parents[1]
 GENUINE = 1000
@@ -83,19 +82,6 @@ def test_quarantine_text_is_ascii_and_bounded() -> None:
 
 
 # ---- a real server ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database, dropped afterwards."""
-    name = f"fleet_poison_{uuid.uuid4().hex[:12]}"
-    admin = _pg_admin()
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
