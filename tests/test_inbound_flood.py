@@ -121,7 +121,7 @@ def test_refused_device_commands_are_logged_at_a_limited_rate(tmp_path: Path, br
     config = agent_config(tmp_path, broker, fleet)
     results = tmp_path / "results-dev1.jsonl"
     proc = start(config, tmp_path)
-    count = BAD_PAYLOADS // 4
+    count = BAD_PAYLOADS  # enough that the per-minute allowance of each log key is a small share
     try:
         wait_serving(results, "1.0.0")
         log_before = len(_log_lines(proc))
@@ -140,7 +140,7 @@ def test_refused_device_commands_are_logged_at_a_limited_rate(tmp_path: Path, br
         dropped = [line for line in _log_lines(proc)[log_before:] if "command dropped" in line]
         print(f"\ncommands: {count} junk, {acks()} acks, {len(lines) + len(dropped)} log lines about them")
         assert all(not json.loads(m.payload)["ok"] for m in sub.messages("edge/dev1/ack"))
-        assert (len(lines) + len(dropped)) / count < 0.02, lines[:20]
+        assert (len(lines) + len(dropped)) / count < 0.01, lines[:20]  # the bound
         assert proc.poll() is None
     finally:
         assert stop(proc) == 0
